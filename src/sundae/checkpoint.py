@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, TypeVar
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -92,7 +92,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path} does not exist")
     try:
         state = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as error:
+    except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error}); it may be corrupted") from None
     load_state_dict_strict(model, state, source=str(path))
 
