@@ -1,0 +1,492 @@
+"""The ``sundae`` command line: one entry point, subcommands over the library's functions.
+
+Bad input (missing file, wrong size, out-of-range knob, corrupted checkpoint) ends with one
+``error: ...`` line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from sundae.checkpoint import CheckpointError
+from sundae.config import ConfigError
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
+USER_ERRORS = (ValueError, ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def user_errors(function: Callable) -> Callable:
+    """Turn the library's input errors into one clear line and exit code 2."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except USER_ERRORS as error:
+            text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            _fail(str(text))
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """sundae: fast non-autoregressive image generation (VQ-GAN + SUNDAE hourglass prior)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --- sampling options shared by sample / inpaint / outpaint / refine -------------------------
+
+
+def sampling_options(defaults: dict[str, Any]) -> Callable:
+    def decorate(function: Callable) -> Callable:
+        options = [
+            click.option("--steps", type=int, default=defaults.get("steps", 50), show_default=True,
+                         help="Sampling steps T."),
+            click.option("--temperature", type=float, default=defaults.get("temperature", 1.0), show_default=True,
+                         help="Temperature at the first step."),
+            click.option("--end-temperature", type=float, default=defaults.get("end_temperature", 0.6),
+                         show_default=True, help="Temperature at the last step (annealed)."),
+            click.option("--schedule", "temperature_schedule", type=click.Choice(["linear", "cosine"]),
+                         default="linear", show_default=True, help="Temperature schedule."),
+            click.option("--proportion", type=float, default=defaults.get("proportion", 0.8), show_default=True,
+                         help="Share of tokens updated per step."),
+            click.option("--end-proportion", type=float, default=None, help="Proportion at the last step."),
+            click.option("--top-k", type=int, default=None, help="Sample among the k most likely codes."),
+            click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold."),
+            click.option("--guidance", "guidance_scale", type=float, default=1.0, show_default=True,
+                         help="Classifier-free guidance scale (1 = plain conditional, 0 = unconditional)."),
+            click.option("--no-early-stop", "early_stop", flag_value=False, default=True,
+                         help="Run every sample for all steps."),
+            click.option("--min-steps", type=int, default=0, show_default=True,
+                         help="Steps before a sample may stop on its own."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i."),
+            click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+        ]
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+SAMPLING_KEYS = ("steps", "temperature", "end_temperature", "temperature_schedule", "proportion", "end_proportion",
+                 "top_k", "top_p", "guidance_scale", "early_stop", "min_steps")
+
+
+def split_sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: kwargs.pop(key) for key in SAMPLING_KEYS}
+
+
+def load_pipeline(model_dir: str | None, device: str | None):
+    from sundae.pipeline import SundaePipeline
+
+    directory = Path(model_dir) if model_dir else DEFAULT_MODEL
+    if not directory.exists():
+        _fail(f"model directory {directory} does not exist")
+    return SundaePipeline.from_pretrained(directory, device=device)
+
+
+def parse_classes(value: str | None) -> list[str] | None:
+    return None if value is None else [item.strip() for item in value.split(",") if item.strip()]
+
+
+def save_images(images, out: Path, *, grid: bool, per_image_dir: Path | None, nrow: int | None = None) -> list[Path]:
+    from sundae.data.images import save_image_grid
+    from sundae.pipeline import image_to_tensor
+
+    written = []
+    if grid:
+        import torch
+
+        tensors = torch.cat([image_to_tensor(image, 3) for image in images])
+        save_image_grid(tensors, out, nrow=nrow)
+        written.append(out)
+    if per_image_dir is not None:
+        per_image_dir.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            path = per_image_dir / f"{index:04d}.png"
+            image.save(path)
+            written.append(path)
+    return written
+
+
+@main.command()
+@click.argument("model_dir", required=False)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True,
+              help="Grid PNG to write.")
+@click.option("--num-images", "-n", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Images per forward batch (default: all at once).")
+@click.option("--classes", default=None, help="Comma-separated class names or indices, cycled over the images.")
+@click.option("--per-image-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write one PNG per image here.")
+@click.option("--trajectory", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the denoising from noise to image as an animated GIF.")
+@click.option("--nrow", type=int, default=None, help="Images per grid row.")
+@sampling_options({"steps": 50})
+@user_errors
+def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | None, classes: str | None,
+           per_image_dir: Path | None, trajectory: Path | None, nrow: int | None, seed: int, device: str | None,
+           **kwargs: Any) -> None:
+    """Generate images (default model: the shipped Fashion-MNIST one)."""
+    from tqdm.auto import tqdm
+
+    options = split_sampling_kwargs(kwargs)
+    if num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    pipe = load_pipeline(model_dir, device)
+    labels = parse_classes(classes)
+    if labels is not None:
+        labels = [labels[i % len(labels)] for i in range(num_images)]
+    batch_size = batch_size or num_images
+    batches = range(0, num_images, batch_size)
+    images, steps_taken, frames = [], [], []
+    started = time.perf_counter()
+    with tqdm(total=len(batches) * options["steps"], unit="step", desc="sampling", file=sys.stderr) as bar:
+        for number, start in enumerate(batches):
+            count = min(batch_size, num_images - start)
+            result = pipe(count, class_labels=None if labels is None else labels[start:start + count],
+                          seed=seed + start, callback=lambda *_: bar.update(1),
+                          return_trajectory=trajectory is not None and number == 0, **options)
+            images += result.images
+            steps_taken += result.steps_taken.tolist()
+            frames = frames or result.trajectory
+            bar.update((number + 1) * options["steps"] - bar.n)  # samples that stopped early skip steps
+    elapsed = time.perf_counter() - started
+    written = save_images(images, out, grid=True, per_image_dir=per_image_dir, nrow=nrow)
+    if trajectory is not None:
+        from sundae.video import save_trajectory_gif
+
+        save_trajectory_gif(frames, pipe.tokenizer, trajectory, nrow=nrow)
+        written.append(trajectory)
+    click.echo(f"wrote {', '.join(str(p) for p in written[:3])}{' ...' if len(written) > 3 else ''}: {num_images} images "
+               f"in {elapsed:.2f}s, steps taken: mean {sum(steps_taken) / len(steps_taken):.1f}, "
+               f"min {min(steps_taken)}, max {max(steps_taken)}")
+
+
+def mask_options(function: Callable) -> Callable:
+    for option in reversed([
+        click.option("--mask", type=click.Path(dir_okay=False), default=None,
+                     help="Mask PNG of the image's size: white = regenerate."),
+        click.option("--box", default=None, help="Pixel box x0,y0,x1,y1 to regenerate (end-exclusive)."),
+        click.option("--mask-rule", type=click.Choice(["any", "all"]), default="any", show_default=True,
+                     help="any: a token is redone when any of its pixels is masked; all: only when all are (paper)."),
+    ]):
+        function = option(function)
+    return function
+
+
+def output_options(function: Callable) -> Callable:
+    for option in reversed([
+        click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+                     help="Grid PNG of the results."),
+        click.option("--num-images", "-n", type=int, default=4, show_default=True, help="Fills to draw."),
+        click.option("--classes", default=None, help="Class (name or index) for conditional models."),
+        click.option("--per-image-dir", type=click.Path(file_okay=False, path_type=Path), default=None),
+        click.option("--model", "model_dir", default=None, help="Model directory (default: the shipped model)."),
+    ]):
+        function = option(function)
+    return function
+
+
+def resolve_mask(pipe, image: str, mask: str | None, box: str | None):
+    from sundae.pipeline import box_mask
+
+    if (mask is None) == (box is None):
+        raise ValueError("give exactly one of --mask MASK.png or --box x0,y0,x1,y1")
+    if mask is not None:
+        return mask
+    try:
+        coordinates = [int(v) for v in box.split(",")]
+    except ValueError:
+        raise ValueError(f"--box must be four integers x0,y0,x1,y1, got {box!r}") from None
+    if len(coordinates) != 4:
+        raise ValueError(f"--box must be four integers x0,y0,x1,y1, got {box!r}")
+    pixels, _ = pipe.encode(image)
+    return box_mask(tuple(pixels.shape[-2:]), coordinates)
+
+
+def _labels_for(classes: str | None, count: int):
+    labels = parse_classes(classes)
+    return None if labels is None else [labels[i % len(labels)] for i in range(count)]
+
+
+def _report(result, out: Path, per_image_dir: Path | None, elapsed: float) -> None:
+    written = save_images(result.images, out, grid=True, per_image_dir=per_image_dir)
+    click.echo(f"wrote {written[0]}: {len(result.images)} images in {elapsed:.2f}s, "
+               f"steps taken {result.steps_taken.tolist()}")
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@mask_options
+@output_options
+@sampling_options({"steps": 50, "temperature": 0.4, "end_temperature": 0.4})
+@user_errors
+def inpaint(image: str, mask: str | None, box: str | None, mask_rule: str, out: Path, num_images: int,
+            classes: str | None, per_image_dir: Path | None, model_dir: str | None, seed: int, device: str | None,
+            **kwargs: Any) -> None:
+    """Regenerate a masked region of IMAGE (several fills side by side)."""
+    options = split_sampling_kwargs(kwargs)
+    pipe = load_pipeline(model_dir, device)
+    started = time.perf_counter()
+    result = pipe.inpaint(image, resolve_mask(pipe, image, mask, box), num_images=num_images, mask_rule=mask_rule,
+                          class_labels=_labels_for(classes, num_images), seed=seed, **options)
+    _report(result, out, per_image_dir, time.perf_counter() - started)
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@mask_options
+@click.option("--strength", type=float, default=0.5, show_default=True,
+              help="Share of masked tokens reset to noise (0: start from the current tokens).")
+@output_options
+@sampling_options({"steps": 30, "temperature": 0.4, "end_temperature": 0.4})
+@user_errors
+def refine(image: str, mask: str | None, box: str | None, mask_rule: str, strength: float, out: Path, num_images: int,
+           classes: str | None, per_image_dir: Path | None, model_dir: str | None, seed: int, device: str | None,
+           **kwargs: Any) -> None:
+    """Re-sample a masked region of IMAGE starting from its current content."""
+    options = split_sampling_kwargs(kwargs)
+    pipe = load_pipeline(model_dir, device)
+    started = time.perf_counter()
+    result = pipe.refine(image, resolve_mask(pipe, image, mask, box), strength=strength, num_images=num_images,
+                         mask_rule=mask_rule, class_labels=_labels_for(classes, num_images), seed=seed, **options)
+    _report(result, out, per_image_dir, time.perf_counter() - started)
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@click.option("--left", type=int, default=0, help="Pixels to add on the left (multiple of f).")
+@click.option("--top", type=int, default=0)
+@click.option("--right", type=int, default=0)
+@click.option("--bottom", type=int, default=0)
+@output_options
+@sampling_options({"steps": 50, "temperature": 0.4, "end_temperature": 0.4})
+@user_errors
+def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path, num_images: int,
+             classes: str | None, per_image_dir: Path | None, model_dir: str | None, seed: int, device: str | None,
+             **kwargs: Any) -> None:
+    """Extend IMAGE's canvas on any side and fill the new area."""
+    options = split_sampling_kwargs(kwargs)
+    pipe = load_pipeline(model_dir, device)
+    started = time.perf_counter()
+    result = pipe.outpaint(image, left=left, top=top, right=right, bottom=bottom, num_images=num_images,
+                           class_labels=_labels_for(classes, num_images), seed=seed, **options)
+    _report(result, out, per_image_dir, time.perf_counter() - started)
+
+
+# --- models, conversion, description ---------------------------------------------------------
+
+
+@main.command()
+@click.argument("preset_name", metavar="PRESET")
+@click.option("--time-step/--no-time-step", default=True, show_default=True,
+              help="Also time one sampling step (forward pass) at batch 1 on this machine.")
+@user_errors
+def describe(preset_name: str, time_step: bool) -> None:
+    """Print a prior preset's configuration, parameter count and step time (Table 3 presets)."""
+    from sundae.config import HOURGLASS_PRESETS, preset
+    from sundae.denoiser.hourglass import describe as describe_config
+
+    config = preset(preset_name, HOURGLASS_PRESETS)
+    facts = describe_config(config)
+    if time_step:
+        facts["forward_ms_batch1"] = round(time_forward(config), 2)
+    click.echo(json.dumps({"preset": preset_name, "config": config.to_dict(), **facts}, indent=2, default=str))
+
+
+def time_forward(config, repeats: int = 3) -> float:
+    """Median milliseconds of one forward pass (one sampling step) at batch 1, random weights."""
+    import torch
+
+    from sundae.denoiser import Hourglass
+
+    model = Hourglass(config).eval()
+    tokens = torch.randint(0, config.codebook_size, (1, *config.latent_shape))
+    labels = None if config.num_classes is None else torch.zeros(1, dtype=torch.long)
+    times = []
+    with torch.inference_mode():
+        model(tokens, labels)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(tokens, labels)
+            times.append((time.perf_counter() - started) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+@main.command("convert-taming")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--config", "config_path", type=click.Path(), default=None, help="taming/ldm yaml config.")
+@click.option("--preset", "preset_name", default=None, help="Name of a VQ-GAN preset instead of inference.")
+@user_errors
+def convert_taming_command(checkpoint: str, out_dir: str, config_path: str | None, preset_name: str | None) -> None:
+    """Convert a taming-transformers / latent-diffusion VQ checkpoint into sundae's format (no code is unpickled)."""
+    from sundae.tokenizer.taming import convert_taming
+
+    target = convert_taming(checkpoint, out_dir, config_path=config_path, preset=preset_name)
+    click.echo(f"wrote {target}")
+
+
+# --- training and data ---------------------------------------------------------------------
+
+
+def parse_depth(text: str):
+    """"2,8,2" -> (2, 8, 2); "2,(2,8,2),2" -> nested; "6" -> 6."""
+    import ast
+
+    try:
+        value = ast.literal_eval(f"({text})" if "," in text else text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--depth must look like 2,8,2 or 2,(2,8,2),2, got {text!r}") from None
+    return value
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """Only the options the user actually set (None means "not given")."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@main.command("train-tokenizer")
+@click.argument("images", type=click.Path(exists=True, file_okay=False))
+@click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False),
+              help="Run folder; an existing checkpoint there is resumed exactly.")
+@click.option("--preset", "preset_name", default="tiny-f4", show_default=True, help="VQ-GAN preset to start from.")
+@click.option("--resolution", type=int, default=None, help="Training image size (resize + centre-crop).")
+@click.option("--codebook-size", type=int, default=None)
+@click.option("--channels", type=int, default=None)
+@click.option("--channel-multipliers", default=None, help="e.g. 1,2,2 (f = 2^(len-1)).")
+@click.option("--num-res-blocks", type=int, default=None)
+@click.option("--embed-dim", type=int, default=None)
+@click.option("--steps", type=int, default=20_000, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Per process.")
+@click.option("--lr", "learning_rate", type=float, default=1e-4, show_default=True)
+@click.option("--discriminator-start", type=int, default=None, help="Step at which the GAN loss starts (Table 4: 15000).")
+@click.option("--discriminator-weight", type=float, default=None)
+@click.option("--perceptual", type=click.Choice(["auto", "lpips-vgg", "stlpips-vgg", "none"]), default="auto",
+              show_default=True, help="Perceptual features (see README: which weights files).")
+@click.option("--perceptual-weight", type=float, default=None)
+@click.option("--perceptual-vgg", "perceptual_vgg_path", default=None, help="torchvision vgg16-397923af.pth.")
+@click.option("--perceptual-lin", "perceptual_lin_path", default=None, help="LPIPS v0.1 vgg.pth.")
+@click.option("--log-every", type=int, default=50, show_default=True)
+@click.option("--image-every", type=int, default=500, show_default=True)
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True)
+@click.option("--stop-after-steps", type=int, default=None, help="End this run early (resume later).")
+@click.option("--num-workers", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+@user_errors
+def train_tokenizer_command(images: str, output_dir: str, preset_name: str, resolution, codebook_size, channels,
+                            channel_multipliers, num_res_blocks, embed_dim, discriminator_start, discriminator_weight,
+                            perceptual_weight, **kwargs: Any) -> None:
+    """Train a VQ-GAN on an image folder (multi-GPU: torchrun --nproc_per_node=N -m sundae.cli ...)."""
+    from sundae.config import VQGAN_PRESETS, preset
+    from sundae.training.tokenizer import TokenizerTrainingConfig, train_tokenizer
+
+    multipliers = None if channel_multipliers is None else tuple(int(v) for v in channel_multipliers.split(","))
+    model = preset(preset_name, VQGAN_PRESETS).replace(**given(
+        resolution=resolution, codebook_size=codebook_size, channels=channels, channel_multipliers=multipliers,
+        num_res_blocks=num_res_blocks, embed_dim=embed_dim))
+    if embed_dim is not None and model.quantizer == "gumbel":
+        model = model.replace(z_channels=embed_dim)
+    loss = given(discriminator_start=discriminator_start, discriminator_weight=discriminator_weight,
+                 perceptual_weight=perceptual_weight)
+    config = TokenizerTrainingConfig(images=images, output_dir=output_dir, model=model.to_dict(), loss=loss,
+                                     discriminator={}, **kwargs)
+    click.echo(f"tokenizer written to {train_tokenizer(config)}")
+
+
+@main.command()
+@click.argument("images", type=click.Path(exists=True, file_okay=False))
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A tokenizer directory (sundae train-tokenizer / convert-taming).")
+@click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False))
+@click.option("--resolution", type=int, default=None, help="Default: the tokenizer's training resolution.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--validation-fraction", type=float, default=0.05, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+@user_errors
+def encode(images: str, tokenizer_dir: str, output_dir: str, resolution: int | None, batch_size: int,
+           validation_fraction: float, split_seed: int, device: str | None) -> None:
+    """Encode an image folder (and every image's horizontal flip) into a memory-mapped token dataset."""
+    import torch
+
+    from sundae.data.latents import encode_folder, tokenizer_identity
+    from sundae.tokenizer import VQGAN
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = VQGAN.from_pretrained(tokenizer_dir, map_location=device).eval()
+    target = encode_folder(tokenizer, images, output_dir, resolution=resolution or tokenizer.config.resolution,
+                           batch_size=batch_size, validation_fraction=validation_fraction, split_seed=split_seed,
+                           device=device, tokenizer_id=tokenizer_identity(tokenizer_dir))
+    click.echo(f"latent dataset written to {target}")
+
+
+@main.command("train")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False),
+              help="Run folder; an existing checkpoint there is resumed exactly.")
+@click.option("--preset", "preset_name", default="tiny", show_default=True,
+              help="Hourglass preset (Table 3: ffhq256, ffhq1024, celeba, mnist, fashion-mnist, imagenet).")
+@click.option("--dim", type=int, default=None)
+@click.option("--depth", default=None, help="pre,valley,post e.g. 2,8,2 or nested 2,(2,8,2),2.")
+@click.option("--heads", type=int, default=None)
+@click.option("--head-dim", type=int, default=None)
+@click.option("--shorten-factor", type=int, default=None)
+@click.option("--resample", type=click.Choice(["2d", "1d"]), default=None, help="1d: the original hourglass (ablation).")
+@click.option("--dropout", type=float, default=None)
+@click.option("--steps", type=int, default=10_000, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Per process and micro-batch.")
+@click.option("--gradient-accumulation", type=int, default=1, show_default=True)
+@click.option("--lr", "learning_rate", type=float, default=3e-4, show_default=True)
+@click.option("--warmup-steps", type=int, default=500, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--unroll-steps", type=int, default=None, help="Training unroll T (default: Table 3's value for the preset).")
+@click.option("--ema-decay", type=float, default=None)
+@click.option("--label-dropout", type=float, default=0.1, show_default=True)
+@click.option("--unconditional", is_flag=True, help="Ignore the dataset's class labels.")
+@click.option("--log-every", type=int, default=50, show_default=True)
+@click.option("--eval-every", type=int, default=500, show_default=True)
+@click.option("--eval-batches", type=int, default=8, show_default=True)
+@click.option("--sample-every", type=int, default=1000, show_default=True)
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True)
+@click.option("--stop-after-steps", type=int, default=None, help="End this run early (resume later).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+@click.option("--compile", is_flag=True, help="torch.compile the training step.")
+@user_errors
+def train_prior_command(data: str, output_dir: str, preset_name: str, dim, depth, heads, head_dim, shorten_factor,
+                        resample, dropout, unroll_steps, unconditional: bool, **kwargs: Any) -> None:
+    """Train a SUNDAE prior on a latent dataset (sundae encode) or a pixel-token .npz (MNIST-style, §4.2)."""
+    from sundae.config import HOURGLASS_PRESETS, UNROLL_STEPS, preset
+    from sundae.training.prior import PriorTrainingConfig, train_prior
+
+    model = preset(preset_name, HOURGLASS_PRESETS).replace(**given(
+        dim=dim, depth=None if depth is None else parse_depth(depth), heads=heads, head_dim=head_dim,
+        shorten_factor=shorten_factor, resample=resample, dropout=dropout))
+    config = PriorTrainingConfig(data=data, output_dir=output_dir, model=model.to_dict(),
+                                 unroll_steps=unroll_steps or UNROLL_STEPS.get(preset_name, 2),
+                                 class_conditional=not unconditional, **kwargs)
+    click.echo(f"prior written to {train_prior(config)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""``SundaePipeline``: prior + tokenizer behind one object (diffusers-style), for sampling,
+inpainting, outpainting and refinement (paper §3.4, §3.6; talk slides 20-23).
+
+A pipeline directory is the prior's ``config.json`` + ``model.safetensors`` with its tokenizer in
+``tokenizer/`` (absent for pixel-token priors, paper §4.2), so one path is all a user needs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from sundae.checkpoint import CheckpointError, read_json
+from sundae.denoiser import Hourglass
+from sundae.sampler import SampleOutput, SamplingOptions, sample, seeds_from_generator, uniform_noise
+from sundae.tokenizer.pixels import PixelTokenizer
+
+ImageInput = Image.Image | Tensor | np.ndarray | str | os.PathLike
+TOKENIZER_SUBDIR = "tokenizer"
+
+INPAINT_DEFAULTS = {"temperature": 0.4, "end_temperature": 0.4}  # §3.6: 0.3 <= tau <= 0.5
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image] | Tensor  # PIL images, or a (B, C, H, W) tensor in [-1, 1]
+    tokens: Tensor  # (B, h, w)
+    steps_taken: Tensor  # (B,)
+    trajectory: list[Tensor] | None = None
+
+
+def load_tokenizer(directory: Path | None, device: torch.device | str = "cpu") -> nn.Module:
+    """The VQ-GAN saved in ``directory``, or the pixel tokenizer when there is none."""
+    if directory is None:
+        return PixelTokenizer().to(device)
+    from sundae.tokenizer import VQGAN
+
+    return VQGAN.from_pretrained(directory, map_location=device).eval()
+
+
+def load_decoder_for(dataset, device: torch.device | str) -> nn.Module:
+    """The tokenizer that made a token dataset (its ``tokenizer`` identity), for decoding samples."""
+    identity = getattr(dataset, "tokenizer", None)
+    if not identity:
+        return PixelTokenizer().to(device)
+    return load_tokenizer(Path(identity["path"]), device)
+
+
+@torch.inference_mode()
+def decode_tokens_to_images(tokens: Tensor, tokenizer: nn.Module, batch_size: int = 32) -> Tensor:
+    """Decode (B, h, w) tokens into images (B, C, H, W) in [-1, 1], in chunks to bound memory."""
+    device = next(iter(tokenizer.buffers()), torch.zeros(())).device
+    chunks = [tokenizer.decode(chunk.to(device)).float().clamp(-1, 1).cpu() for chunk in tokens.split(batch_size)]
+    return torch.cat(chunks)
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in array]
+
+
+def image_to_tensor(image: ImageInput, channels: int) -> Tensor:
+    """Any image input -> (1, channels, H, W) float in [-1, 1]."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+        image = Image.open(path)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    if isinstance(image, np.ndarray):
+        array = image.astype(np.float32)
+        array = array[..., None] if array.ndim == 2 else array
+        tensor = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    else:
+        tensor = image.float()
+    if tensor.dim() == 3:
+        tensor = tensor.unsqueeze(0)
+    if tensor.shape[1] != channels:
+        tensor = tensor.mean(dim=1, keepdim=True).expand(-1, channels, -1, -1) if channels in (1, 3) else tensor
+    return tensor.contiguous()
+
+
+def mask_to_tensor(mask: ImageInput, size: tuple[int, int]) -> Tensor:
+    """A pixel mask (True/white = regenerate) -> (H, W) bool; its size must equal the image's."""
+    if isinstance(mask, (str, os.PathLike)):
+        path = Path(mask)
+        if not path.is_file():
+            raise FileNotFoundError(f"mask file {path} does not exist")
+        mask = Image.open(path)
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L")) >= 128
+    mask = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask).bool()
+    if mask.dim() == 3:
+        mask = mask.any(dim=0)
+    if tuple(mask.shape) != tuple(size):
+        raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image is {size[1]}x{size[0]}; "
+                         "give a mask of the same size as the image")
+    return mask
+
+
+def box_mask(size: tuple[int, int], box: Sequence[int]) -> Tensor:
+    """A (H, W) mask that is True inside the pixel box (x0, y0, x1, y1), end-exclusive."""
+    height, width = size
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def token_mask_from_pixels(pixel_mask: Tensor, factor: int, rule: str = "any") -> Tensor:
+    """Pixel mask (H, W) -> token mask (H/f, W/f).
+
+    ``"any"`` (default): a token is regenerated when any pixel of its f×f patch is masked, so every
+    masked pixel is regenerated. ``"all"``: only when all its pixels are (the paper's logical AND,
+    §3.6), so no unmasked pixel changes but masked pixels at the border may stay.
+    """
+    if rule not in ("any", "all"):
+        raise ValueError(f"mask rule must be 'any' or 'all', got {rule!r}")
+    height, width = pixel_mask.shape
+    if height % factor or width % factor:
+        raise ValueError(f"mask size {width}x{height} is not a multiple of the tokenizer factor {factor}")
+    patches = pixel_mask.reshape(height // factor, factor, width // factor, factor)
+    return patches.any(dim=(1, 3)) if rule == "any" else patches.all(dim=(1, 3))
+
+
+class SundaePipeline:
+    """Sampling, inpainting, outpainting and refinement with a prior and its tokenizer."""
+
+    def __init__(self, prior: Hourglass, tokenizer: nn.Module, *, class_names: list[str] | None = None,
+                 name: str = "sundae") -> None:
+        self.prior = prior.eval()
+        self.tokenizer = tokenizer.eval()
+        self.class_names = class_names
+        self.name = name
+
+    # --- persistence ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> "SundaePipeline":
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory} is not a sundae model directory (no config.json)")
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        prior = Hourglass.from_pretrained(directory, map_location=device)
+        tokenizer_dir = directory / TOKENIZER_SUBDIR
+        tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir.is_dir() else None, device)
+        payload = read_json(directory / "config.json")
+        data = payload.get("data", {})
+        if data.get("codebook_size", prior.config.codebook_size) != tokenizer.config.codebook_size:
+            raise CheckpointError(f"{directory}: the prior's codebook ({prior.config.codebook_size}) does not match "
+                                  f"its tokenizer's ({tokenizer.config.codebook_size})")
+        return cls(prior, tokenizer, class_names=data.get("class_names"), name=directory.name)
+
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        directory = Path(directory)
+        payload = {"data": {"codebook_size": self.prior.config.codebook_size, "class_names": self.class_names,
+                            "grid_shape": list(self.prior.config.latent_shape)}}
+        self.prior.save_pretrained(directory, extra={**payload, **(extra or {})})
+        if not isinstance(self.tokenizer, PixelTokenizer):
+            target = directory / TOKENIZER_SUBDIR
+            if target.exists():
+                shutil.rmtree(target)
+            self.tokenizer.save_pretrained(target)
+        return directory
+
+    # --- facts --------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    @property
+    def factor(self) -> int:
+        return self.tokenizer.config.downsample_factor
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.prior.config.latent_shape
+        return h * self.factor, w * self.factor
+
+    @property
+    def channels(self) -> int:
+        return self.tokenizer.config.out_channels
+
+    def class_index(self, label: int | str) -> int:
+        """A class given by index or by name -> its index, with a clear error for unknown classes."""
+        num_classes = self.prior.config.num_classes
+        if num_classes is None:
+            raise ValueError("this model is unconditional: it takes no class")
+        if isinstance(label, str) and not label.lstrip("-").isdigit():
+            names = self.class_names or []
+            if label not in names:
+                raise ValueError(f"unknown class {label!r}; known classes: {', '.join(names)}")
+            return names.index(label)
+        index = int(label)
+        if not 0 <= index < num_classes:
+            raise ValueError(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")
+        return index
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    def _seeds(self, count: int, seed: int | None, generator: torch.Generator | None) -> Tensor:
+        if seed is not None:
+            return torch.arange(count, dtype=torch.int64) + seed
+        return seeds_from_generator(count, generator)
+
+    def _labels(self, class_labels: Sequence[int | str] | int | str | None, count: int) -> Tensor | None:
+        if class_labels is None:
+            return None
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels] * count
+        if len(class_labels) != count:
+            raise ValueError(f"got {len(class_labels)} class labels for {count} images")
+        return torch.tensor([self.class_index(label) for label in class_labels], dtype=torch.long)
+
+    def _finish(self, output: SampleOutput, output_type: str) -> PipelineOutput:
+        images = decode_tokens_to_images(output.tokens, self.tokenizer)
+        return PipelineOutput(images=to_pil(images) if output_type == "pil" else images, tokens=output.tokens.cpu(),
+                              steps_taken=output.steps_taken.cpu(), trajectory=output.trajectory)
+
+    def __call__(self, num_images: int = 1, *, class_labels: Sequence[int | str] | int | str | None = None,
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 grid_shape: tuple[int, int] | None = None, output_type: str = "pil",
+                 callback: Callable | None = None, return_trajectory: bool = False, **options: Any) -> PipelineOutput:
+        """Generate ``num_images`` images; ``options`` are :class:`SamplingOptions` fields.
+
+        ``seed`` gives image ``i`` the seed ``seed + i`` (same image whatever the batch size);
+        otherwise seeds come from ``generator``.
+        """
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        output = sample(self.prior, options=SamplingOptions(**options), num_samples=num_images,
+                        grid_shape=grid_shape or tuple(self.prior.config.latent_shape),
+                        class_labels=self._labels(class_labels, num_images),
+                        seeds=self._seeds(num_images, seed, generator), callback=callback,
+                        return_trajectory=return_trajectory)
+        return self._finish(output, output_type)
+
+    @torch.inference_mode()
+    def encode(self, image: ImageInput) -> tuple[Tensor, Tensor]:
+        """Image -> (pixels (1, C, H, W) in [-1, 1], tokens (1, h, w)); sides must be multiples of f."""
+        pixels = image_to_tensor(image, self.tokenizer.config.out_channels if isinstance(self.tokenizer, PixelTokenizer) else 3)
+        height, width = pixels.shape[-2:]
+        if height % self.factor or width % self.factor:
+            raise ValueError(f"the image is {width}x{height} pixels; both sides must be multiples of the "
+                             f"tokenizer factor f={self.factor}")
+        return pixels, self.tokenizer.encode(pixels.to(self.device)).cpu()
+
+    def _masked_sampling(self, tokens: Tensor, token_mask: Tensor, randomize: Tensor, seeds: Tensor, *,
+                         class_labels, output_type: str, pixels: Tensor, pixel_mask: Tensor, paste_back: bool,
+                         options: dict[str, Any]) -> PipelineOutput:
+        """Sample with ``token_mask`` free and everything else pinned; optionally paste known pixels back."""
+        num_images = seeds.shape[0]
+        tokens = tokens.expand(num_images, -1, -1)
+        output = sample(self.prior, options=SamplingOptions(**{**INPAINT_DEFAULTS, **options}), tokens=tokens,
+                        randomize_mask=randomize.expand_as(tokens), keep_mask=~token_mask.expand_as(tokens),
+                        class_labels=self._labels(class_labels, num_images), seeds=seeds)
+        images = decode_tokens_to_images(output.tokens, self.tokenizer)
+        if paste_back:
+            images = torch.where(pixel_mask.to(images.device), images, pixels.to(images.device).expand_as(images))
+        return PipelineOutput(images=to_pil(images) if output_type == "pil" else images, tokens=output.tokens.cpu(),
+                              steps_taken=output.steps_taken.cpu())
+
+    def _prepare_mask(self, image: ImageInput, mask: ImageInput, rule: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pixels, tokens = self.encode(image)
+        pixel_mask = mask_to_tensor(mask, tuple(pixels.shape[-2:]))
+        return pixels, tokens, pixel_mask, token_mask_from_pixels(pixel_mask, self.factor, rule)
+
+    def inpaint(self, image: ImageInput, mask: ImageInput, *, num_images: int = 1, mask_rule: str = "any",
+                paste_back: bool = True, class_labels=None, seed: int | None = None,
+                generator: torch.Generator | None = None, output_type: str = "pil", **options: Any) -> PipelineOutput:
+        """Regenerate the masked region (True/white = regenerate) from noise; the rest is kept (§3.6)."""
+        pixels, tokens, pixel_mask, token_mask = self._prepare_mask(image, mask, mask_rule)
+        return self._masked_sampling(tokens, token_mask, token_mask, self._seeds(num_images, seed, generator),
+                                     class_labels=class_labels, output_type=output_type, pixels=pixels,
+                                     pixel_mask=pixel_mask, paste_back=paste_back, options=options)
+
+    def refine(self, image: ImageInput, mask: ImageInput, *, strength: float = 0.5, num_images: int = 1,
+               mask_rule: str = "any", paste_back: bool = True, class_labels=None, seed: int | None = None,
+               generator: torch.Generator | None = None, output_type: str = "pil", **options: Any) -> PipelineOutput:
+        """Re-sample a masked region starting from its current tokens (slide 22, "fixing a broken eye").
+
+        ``strength`` in [0, 1] is the share of the masked tokens reset to noise before sampling
+        (0: start exactly from the current tokens; 1: the same as inpainting).
+        """
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        pixels, tokens, pixel_mask, token_mask = self._prepare_mask(image, mask, mask_rule)
+        seeds = self._seeds(num_images, seed, generator)
+        reset = (uniform_noise(seeds, -2, 0, tuple(token_mask.shape)) < strength) & token_mask
+        return self._masked_sampling(tokens, token_mask, reset, seeds, class_labels=class_labels,
+                                     output_type=output_type, pixels=pixels, pixel_mask=pixel_mask,
+                                     paste_back=paste_back, options=options)
+
+    def outpaint(self, image: ImageInput, *, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
+                 num_images: int = 1, class_labels=None, seed: int | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil", **options: Any) -> PipelineOutput:
+        """Extend the canvas by the given number of pixels on each side (multiples of f) and fill it."""
+        pixels, known_tokens = self.encode(image)
+        for name, value in (("left", left), ("top", top), ("right", right), ("bottom", bottom)):
+            if value < 0 or value % self.factor:
+                raise ValueError(f"{name}={value}: extensions must be >= 0 and multiples of the tokenizer factor "
+                                 f"f={self.factor}")
+        if left == top == right == bottom == 0:
+            raise ValueError("outpainting needs at least one of left/top/right/bottom > 0")
+        canvas = F.pad(pixels, (left, right, top, bottom), value=0.0)
+        pixel_mask = torch.ones(canvas.shape[-2:], dtype=torch.bool)
+        pixel_mask[top:top + pixels.shape[-2], left:left + pixels.shape[-1]] = False
+        token_mask = token_mask_from_pixels(pixel_mask, self.factor, "any")
+        # the known region keeps the tokens of the original image, not of the padded canvas
+        tokens = torch.zeros(1, *token_mask.shape, dtype=torch.long)
+        row, column = top // self.factor, left // self.factor
+        tokens[:, row:row + known_tokens.shape[1], column:column + known_tokens.shape[2]] = known_tokens
+        return self._masked_sampling(tokens, token_mask, token_mask, self._seeds(num_images, seed, generator),
+                                     class_labels=class_labels, output_type=output_type, pixels=canvas,
+                                     pixel_mask=pixel_mask, paste_back=True, options=options)

@@ -1,0 +1,285 @@
+"""The one SUNDAE sampling loop (paper §3.4, §3.6; Savinov et al. 2022 §3).
+
+Starting from uniform random tokens (or from given tokens), each of ``steps`` iterations computes
+the denoiser's logits, draws new tokens at an annealed temperature, and writes them into a random
+``proportion`` of the positions. Samples stop on their own once a step leaves them unchanged
+(after ``min_steps``); finished samples are frozen at once on the device and leave the forward
+batch at the next compaction, so they cost nothing afterwards. A keep-mask pins known tokens
+(inpainting, outpainting, refinement), and classifier-free guidance mixes conditional and null-class
+logits.
+
+Randomness is counter-based: every random number is a hash of (sample seed, step, stream,
+position) computed on the device. Hence a sample depends only on its own seed, never on the batch
+it is in or on which other samples have stopped, and the loop needs no host-device
+synchronisation except at the (optional, periodic) batch compaction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from sundae.config import ConfigBase, ConfigError
+
+_MASK32 = 0xFFFFFFFF
+_STREAM_INIT, _STREAM_DRAW, _STREAM_UPDATE = 1, 2, 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions(ConfigBase):
+    """Sampler knobs. Defaults follow the paper's recommendations (§3.4, Figs. 8, 12, 13)."""
+
+    steps: int = 100
+    temperature: float = 1.0  # at the first step
+    end_temperature: float = 0.6  # at the last step (Fig. 13: 0.5-0.7 works well)
+    temperature_schedule: str = "linear"  # "linear" or "cosine"
+    proportion: float = 0.8  # share of positions updated per step (0.5-0.8 for T <= 50)
+    end_proportion: float | None = None  # None: constant proportion
+    proportion_schedule: str = "linear"
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance_scale: float = 1.0  # 1: plain conditional; 0: unconditional; >1: classifier-free guidance
+    early_stop: bool = True
+    min_steps: int = 0  # a sample may stop only after this many steps
+    compaction_interval: int = 1  # steps between removals of finished samples (each costs one sync)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.temperature <= 0 or self.end_temperature <= 0:
+            raise ConfigError(f"temperatures must be > 0, got {self.temperature} -> {self.end_temperature}")
+        for name in ("temperature_schedule", "proportion_schedule"):
+            if getattr(self, name) not in ("linear", "cosine"):
+                raise ConfigError(f"{name} must be 'linear' or 'cosine', got {getattr(self, name)!r}")
+        for value in (self.proportion, self.end_proportion):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ConfigError(f"proportion must be in (0, 1], got {value}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.min_steps < 0 or self.compaction_interval < 1:
+            raise ConfigError("min_steps must be >= 0 and compaction_interval >= 1")
+
+    def temperature_at(self, step: int) -> float:
+        return _schedule(self.temperature, self.end_temperature, step, self.steps, self.temperature_schedule)
+
+    def proportion_at(self, step: int) -> float:
+        end = self.proportion if self.end_proportion is None else self.end_proportion
+        return _schedule(self.proportion, end, step, self.steps, self.proportion_schedule)
+
+
+def _schedule(start: float, end: float, step: int, steps: int, kind: str) -> float:
+    """Value at ``step`` of ``steps``: ``start`` at the first step, ``end`` at the last (end when steps == 1)."""
+    progress = step / (steps - 1) if steps > 1 else 1.0
+    if kind == "cosine":
+        progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+    return start + (end - start) * progress
+
+
+@dataclass
+class SampleOutput:
+    tokens: Tensor  # (B, h, w) long
+    steps_taken: Tensor  # (B,) long: the step count after which each sample stopped
+    trajectory: list[Tensor] | None = None  # per step, (B, h, w) on CPU, when asked for
+
+
+StepCallback = Callable[[int, Tensor, Tensor], None]  # (step, tokens (B, h, w), finished (B,) bool)
+
+
+# --- counter-based random numbers ------------------------------------------------------------
+
+
+def _mul32(x: Tensor, constant: int) -> Tensor:
+    """(x * constant) mod 2**32 for int64 x < 2**32, split in 16-bit halves so nothing overflows int64."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixer with full avalanche (Wellons' lowbias32)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: Tensor, step: int, stream: int, shape: tuple[int, ...]) -> Tensor:
+    """Uniform numbers in (0, 1) of shape (B, *shape), a pure function of (seed, step, stream, index)."""
+    numel = math.prod(shape)
+    index = torch.arange(numel, device=seeds.device, dtype=torch.int64)
+    key = _hash32(_hash32(seeds.to(torch.int64) & _MASK32) ^ (seeds.to(torch.int64) >> 32))
+    key = _hash32(key ^ _hash32(torch.tensor((step + 1) * 0x9E37 + stream * 0x85EB, device=seeds.device)))
+    bits_a = _hash32(key[:, None] ^ _hash32(index * 2)[None, :])
+    bits_b = _hash32(bits_a ^ _hash32(index * 2 + 1)[None, :])
+    # 48 random bits -> a double strictly inside (0, 1)
+    value = ((bits_a >> 8).double() * 2.0**24 + (bits_b >> 8).double() + 0.5) / 2.0**48
+    return value.view(seeds.shape[0], *shape)
+
+
+def seeds_from_generator(count: int, generator: torch.Generator | None) -> Tensor:
+    return torch.randint(0, 2**62, (count,), generator=generator, dtype=torch.int64)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def filter_logits(logits: Tensor, *, top_k: int | None, top_p: float | None) -> Tensor:
+    """Mask logits outside the top-k / nucleus top-p set with -inf (last axis)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the token that crosses p
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def categorical_from_uniform(logits: Tensor, uniform: Tensor) -> Tensor:
+    """Inverse-CDF draw from softmax(logits) over the last axis, one uniform number per position.
+
+    Needs one random number per position instead of one per vocabulary entry (Gumbel-max).
+    """
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    target = (uniform.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+def _guided_logits(model: nn.Module, tokens: Tensor, labels: Tensor | None, null_class: int | None,
+                   guidance_scale: float) -> Tensor:
+    if labels is None or guidance_scale == 1.0:
+        return model(tokens, labels).float()
+    if guidance_scale == 0.0:
+        return model(tokens, torch.full_like(labels, null_class)).float()
+    both = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, null_class)])).float()
+    conditional, unconditional = both.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def _check_inputs(model: nn.Module, tokens: Tensor, labels: Tensor | None, keep_mask: Tensor | None,
+                  codebook_size: int, num_classes: int | None) -> None:
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must be (B, h, w), got shape {tuple(tokens.shape)}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= codebook_size):
+        raise ValueError(f"tokens must lie in [0, {codebook_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+    if keep_mask is not None and keep_mask.shape != tokens.shape:
+        raise ValueError(f"keep_mask shape {tuple(keep_mask.shape)} differs from tokens {tuple(tokens.shape)}")
+    if labels is not None:
+        if num_classes is None:
+            raise ValueError("class labels were given but the model is unconditional")
+        if labels.shape != (tokens.shape[0],):
+            raise ValueError(f"class_labels must have shape ({tokens.shape[0]},), got {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"class labels must lie in [0, {num_classes}), got {labels.tolist()}")
+
+
+@torch.inference_mode()
+def sample(
+    model: nn.Module,
+    *,
+    options: SamplingOptions = SamplingOptions(),
+    num_samples: int | None = None,
+    grid_shape: tuple[int, int] | None = None,
+    tokens: Tensor | None = None,
+    randomize_mask: Tensor | None = None,
+    keep_mask: Tensor | None = None,
+    class_labels: Tensor | None = None,
+    seeds: Tensor | list[int] | None = None,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """Draw token grids from a SUNDAE denoiser.
+
+    Args:
+        model: maps ``(tokens (B, h, w), class_labels (B,) | None)`` to logits ``(B, h, w, v)``; must
+            expose ``config.codebook_size`` and ``config.num_classes``/``config.null_class``.
+        options: steps, temperature and proportion schedules, top-k/p, guidance, self-stopping.
+        num_samples, grid_shape: batch size and (h, w) when starting from noise (``tokens`` None).
+        tokens: starting tokens (B, h, w); positions in ``randomize_mask`` are replaced by uniform
+            random tokens first (default: all positions when ``tokens`` is None, none otherwise).
+        keep_mask: (B, h, w) bool, True where tokens are known and must never change.
+        class_labels: (B,) class indices for a class-conditional model.
+        seeds: one integer seed per sample; sample ``i`` depends only on ``seeds[i]``. When None,
+            seeds are drawn from ``generator`` (a ``torch.Generator``; None = the global RNG).
+        callback: called after every step with (step, current tokens of the whole batch, finished).
+        return_trajectory: keep a CPU copy of the tokens after every step.
+    """
+    config = model.config
+    device = next(model.parameters()).device
+    codebook_size, num_classes = config.codebook_size, config.num_classes
+    if tokens is None:
+        if num_samples is None or grid_shape is None:
+            raise ValueError("give either tokens or both num_samples and grid_shape")
+        tokens = torch.zeros(num_samples, *grid_shape, dtype=torch.long, device=device)
+        if randomize_mask is None:
+            randomize_mask = torch.ones_like(tokens, dtype=torch.bool)
+    tokens = tokens.to(device=device, dtype=torch.long)
+    batch = tokens.shape[0]
+    labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long, device=device)
+    _check_inputs(model, tokens, labels, keep_mask, codebook_size, num_classes)
+    if options.guidance_scale != 1.0 and labels is None and num_classes is not None:
+        raise ValueError("classifier-free guidance needs class_labels")
+
+    if seeds is None:
+        seeds = seeds_from_generator(batch, generator)
+    seeds = torch.as_tensor(seeds, dtype=torch.int64)
+    if seeds.shape != (batch,):
+        raise ValueError(f"need one seed per sample ({batch}), got {tuple(seeds.shape)}")
+    seeds = seeds.to(device)
+    grid = tuple(tokens.shape[1:])
+
+    if randomize_mask is not None:
+        random_tokens = (uniform_noise(seeds, -1, _STREAM_INIT, grid) * codebook_size).long().clamp_(max=codebook_size - 1)
+        tokens = torch.where(randomize_mask.to(device), random_tokens, tokens)
+    frozen = torch.zeros_like(tokens, dtype=torch.bool) if keep_mask is None else keep_mask.to(device).bool()
+
+    final = tokens.clone()
+    steps_taken = torch.full((batch,), options.steps, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)  # original index of each active row
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # per active row
+    trajectory: list[Tensor] | None = [] if return_trajectory else None
+
+    for step in range(options.steps):
+        logits = _guided_logits(model, tokens, labels, config.null_class, options.guidance_scale)
+        logits = filter_logits(logits / options.temperature_at(step), top_k=options.top_k, top_p=options.top_p)
+        proposal = categorical_from_uniform(logits, uniform_noise(seeds, step, _STREAM_DRAW, grid))
+        update = uniform_noise(seeds, step, _STREAM_UPDATE, grid) < options.proportion_at(step)
+        update &= ~frozen & ~finished[:, None, None]
+        new_tokens = torch.where(update, proposal, tokens)
+
+        if options.early_stop and step + 1 > options.min_steps:
+            unchanged = (new_tokens == tokens).flatten(1).all(dim=1) & ~finished
+            steps_taken[rows] = torch.where(unchanged, step + 1, steps_taken[rows])
+            finished |= unchanged
+        tokens = new_tokens
+
+        if callback is not None or trajectory is not None:
+            final[rows] = tokens
+            if callback is not None:
+                done = torch.ones(batch, dtype=torch.bool, device=device)
+                done[rows] = finished
+                callback(step, final, done)
+            if trajectory is not None:
+                trajectory.append(final.to("cpu", copy=True))
+        if options.early_stop and (step + 1) % options.compaction_interval == 0:
+            final[rows] = tokens
+            keep = ~finished
+            if not bool(keep.all()):  # one host sync per compaction
+                if not bool(keep.any()):
+                    break
+                tokens, rows, finished, seeds, frozen = tokens[keep], rows[keep], finished[keep], seeds[keep], frozen[keep]
+                labels = None if labels is None else labels[keep]
+    final[rows] = tokens
+    return SampleOutput(tokens=final, steps_taken=steps_taken, trajectory=trajectory)

@@ -1,0 +1,75 @@
+"""Process-group setup for ``torchrun`` (one process per GPU, or several CPU processes with gloo).
+
+Single-process runs need no launcher: with no ``WORLD_SIZE`` in the environment everything here
+degrades to rank 0 of 1 and no process group is created.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str | None = None) -> DistributedContext:
+    """Join the ``torchrun`` process group (NCCL on CUDA, gloo on CPU) and pick this rank's device.
+
+    ``device`` None means CUDA when available, else CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        torch_device = torch.device("cuda", local_rank if torch_device.index is None else torch_device.index)
+        torch.cuda.set_device(torch_device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        log.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(context: DistributedContext) -> None:
+    if context.enabled:
+        dist.barrier()
+
+
+def mean_across_ranks(values: dict[str, torch.Tensor], context: DistributedContext) -> dict[str, torch.Tensor]:
+    """Average a dict of scalar tensors over ranks in one collective (for logging only)."""
+    if not values or not context.enabled:
+        return values
+    names = sorted(values)
+    stacked = torch.stack([values[name].detach().float().reshape(()) for name in names])
+    dist.all_reduce(stacked)
+    stacked /= context.world_size
+    return dict(zip(names, stacked.unbind()))

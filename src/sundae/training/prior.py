@@ -1,0 +1,367 @@
+"""Training loop of the SUNDAE prior (paper §3.3, Table 3): orchestration only.
+
+The step math lives in :func:`sundae.sundae.sundae_loss`; this module reads a token dataset
+(latents from ``sundae encode`` or grey pixels as tokens, §4.2), builds the hourglass from its
+config, and runs AdamW with warm-up and decay, gradient accumulation and clipping, optional EMA,
+bf16 autocast on CUDA, DDP under ``torchrun``, validation, sample grids, metrics and atomic,
+exactly resumable checkpoints.
+
+Output directory layout::
+
+    OUT/checkpoint/   config.json, model.safetensors, training_state.pt   (resumable, latest)
+    OUT/model/        config.json, model.safetensors [, tokenizer/]       (the usable prior; EMA if on)
+    OUT/samples/      step_XXXXXXX.png sample grids
+    OUT/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sundae.checkpoint import CheckpointError, load_weights, read_json
+from sundae.config import ConfigBase, ConfigError, HourglassConfig
+from sundae.denoiser import Hourglass
+from sundae.sundae import sundae_loss
+from sundae.training.common import (
+    ExponentialMovingAverage, MetricsLogger, autocast_context, batch_indices, configure_logging, learning_rate,
+    progress_bar, read_training_state, recover_interrupted_checkpoint, replace_directory_atomically,
+    set_learning_rate, staging_directory, step_generator, write_training_state,
+)
+from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, setup_distributed, teardown_distributed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorTrainingConfig(ConfigBase):
+    data: str  # a latent dataset directory (sundae encode) or a pixel-token .npz (sundae.data.mnist)
+    output_dir: str
+    model: dict[str, Any]  # HourglassConfig fields; codebook_size / latent_shape / num_classes come from the data
+    steps: int = 10_000
+    batch_size: int = 32  # per process, per micro-batch
+    gradient_accumulation: int = 1
+    learning_rate: float = 3e-4
+    warmup_steps: int = 500
+    schedule: str = "cosine"
+    final_learning_rate_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    unroll_steps: int = 2
+    class_conditional: bool = True  # use the dataset's labels when it has them
+    label_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+    ema_decay: float | None = None
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500
+    eval_batches: int = 8
+    sample_every: int = 1000
+    sample_steps: int = 50
+    checkpoint_every: int = 1000
+    stop_after_steps: int | None = None  # end this process early (time-boxed jobs); resume later
+    device: str | None = None
+    compile: bool = False
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "gradient_accumulation", "log_every", "eval_every", "sample_every",
+                     "checkpoint_every", "eval_batches", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.unroll_steps < 1:
+            raise ConfigError(f"unroll_steps must be >= 1 (the paper uses 2 or 3), got {self.unroll_steps}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+class SundaeObjective(nn.Module):
+    """Wraps the denoiser so that DDP sees one forward (all T unroll steps) per backward."""
+
+    def __init__(self, denoiser: nn.Module, unroll_steps: int) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.unroll_steps = unroll_steps
+
+    def forward(self, tokens: Tensor, class_labels: Tensor | None, generator: torch.Generator) -> tuple[Tensor, dict]:
+        return sundae_loss(self.denoiser, tokens, unroll_steps=self.unroll_steps, class_labels=class_labels,
+                           generator=generator)
+
+
+def open_token_dataset(path: str | Path, split: str):
+    """A latent dataset directory, or a pixel-token ``.npz`` (grey levels as tokens, v = 256)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        from sundae.data.mnist import PixelTokenDataset
+
+        return PixelTokenDataset(path, split=split)
+    from sundae.data.latents import LatentDataset
+
+    return LatentDataset(path, split=split)
+
+
+def model_config_for(dataset, config: PriorTrainingConfig) -> HourglassConfig:
+    """The hourglass config: the user's fields plus the vocabulary, grid and classes of the data."""
+    fields = dict(config.model)
+    fields["codebook_size"] = dataset.codebook_size
+    fields["latent_shape"] = tuple(dataset.grid_shape)
+    conditional = config.class_conditional and dataset.num_classes is not None and dataset.num_classes > 1
+    fields["num_classes"] = dataset.num_classes if conditional else None
+    return HourglassConfig.from_dict(fields)
+
+
+def data_identity(dataset) -> dict[str, Any]:
+    return {"tokenizer": getattr(dataset, "tokenizer", None), "codebook_size": dataset.codebook_size,
+            "grid_shape": list(dataset.grid_shape), "class_names": list(dataset.class_names)}
+
+
+def check_same_data(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    saved_sha = (saved.get("tokenizer") or {}).get("sha256")
+    current_sha = (current.get("tokenizer") or {}).get("sha256")
+    if saved["codebook_size"] != current["codebook_size"] or saved_sha != current_sha:
+        raise CheckpointError(
+            f"the checkpoint in {where} was trained on tokens of another tokenizer "
+            f"(codebook {saved['codebook_size']}, tokenizer sha256 {saved_sha}) but the data has "
+            f"codebook {current['codebook_size']}, tokenizer sha256 {current_sha}; use a new --output-dir "
+            "or the latents of the original tokenizer"
+        )
+
+
+def drop_labels(labels: Tensor | None, null_class: int | None, probability: float,
+                generator: torch.Generator) -> Tensor | None:
+    if labels is None or probability == 0.0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < probability
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; biases, norms and embeddings are not decayed."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_matrix = parameter.dim() >= 2 and "embedding" not in name
+        (decay if is_matrix else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _batch(dataset, indices: list[int], device: torch.device, use_labels: bool) -> tuple[Tensor, Tensor | None]:
+    tokens, labels = dataset.batch(indices)
+    tokens = tokens.to(device, non_blocking=True)
+    return tokens, (labels.to(device, non_blocking=True) if use_labels else None)
+
+
+@torch.no_grad()
+def validation_loss(model: Hourglass, dataset, config: PriorTrainingConfig, context: DistributedContext) -> dict[str, Tensor]:
+    """Mean SUNDAE loss over a fixed, seeded set of validation batches (same batches every time)."""
+    model.eval()
+    totals: dict[str, Tensor] = {}
+    use_labels = model.config.num_classes is not None
+    for batch in range(config.eval_batches):
+        indices = batch_indices(batch, dataset_size=len(dataset), batch_size=config.batch_size, seed=config.seed + 1,
+                                rank=context.rank, world_size=context.world_size)
+        tokens, labels = _batch(dataset, indices, context.device, use_labels)
+        generator = step_generator(config.seed, batch, context.rank, stream=11, device=context.device)
+        with autocast_context(context.device):
+            loss, metrics = sundae_loss(model, tokens, unroll_steps=config.unroll_steps, class_labels=labels,
+                                        generator=generator)
+        for name, value in {"loss": loss, **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + value.float() / config.eval_batches
+    model.train()
+    return mean_across_ranks(totals, context)
+
+
+class PriorCheckpointer:
+    """Writes OUT/checkpoint (resumable) and OUT/model (usable prior + its tokenizer) atomically."""
+
+    def __init__(self, output_dir: Path, config: PriorTrainingConfig, dataset) -> None:
+        self.output_dir = output_dir
+        self.config = config
+        self.identity = data_identity(dataset)
+        self.tokenizer_dir = _tokenizer_directory(dataset)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoint"
+
+    def extra(self) -> dict[str, Any]:
+        return {"data": self.identity, "training": self.config.to_dict()}
+
+    def save(self, step: int, model: Hourglass, optimizer: torch.optim.Optimizer,
+             ema: ExponentialMovingAverage | None) -> None:
+        staging = staging_directory(self.checkpoint_dir)
+        model.save_pretrained(staging, extra=self.extra())
+        write_training_state(staging, {"step": step, "optimizer": optimizer.state_dict(),
+                                       "ema": None if ema is None else ema.state_dict()})
+        replace_directory_atomically(staging, self.checkpoint_dir)
+        self.export(model, ema)
+
+    def export(self, model: Hourglass, ema: ExponentialMovingAverage | None) -> None:
+        """The usable prior: EMA weights when kept, with a copy of its tokenizer inside."""
+        target = self.output_dir / "model"
+        staging = staging_directory(target)
+        exported = model
+        if ema is not None:
+            exported = Hourglass(model.config)
+            ema.copy_to(exported)
+        exported.save_pretrained(staging, extra=self.extra())
+        if self.tokenizer_dir is not None:
+            shutil.copytree(self.tokenizer_dir, staging / "tokenizer")
+        replace_directory_atomically(staging, target)
+
+    def restore(self, model: Hourglass, optimizer: torch.optim.Optimizer,
+                ema: ExponentialMovingAverage | None) -> int:
+        """Load the latest checkpoint if there is one; return the step to continue from (0 if none)."""
+        recover_interrupted_checkpoint(self.checkpoint_dir)
+        if not self.checkpoint_dir.exists():
+            return 0
+        saved = read_json(self.checkpoint_dir / "config.json")
+        check_same_data(saved["data"], self.identity, self.checkpoint_dir)
+        if HourglassConfig.from_dict(saved["config"]) != model.config:
+            raise CheckpointError(
+                f"{self.checkpoint_dir} holds a model of another configuration than the one requested; "
+                "use a new --output-dir or the same model options"
+            )
+        load_weights(model, self.checkpoint_dir / "model.safetensors")
+        state = read_training_state(self.checkpoint_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            if state["ema"] is None:
+                raise CheckpointError(f"{self.checkpoint_dir} was trained without EMA; resume without --ema-decay")
+            ema.load_state_dict(state["ema"])
+        log.info("resumed from %s at step %d", self.checkpoint_dir, state["step"])
+        return int(state["step"])
+
+
+def _tokenizer_directory(dataset) -> Path | None:
+    identity = getattr(dataset, "tokenizer", None)
+    if not identity or not identity.get("path"):
+        return None
+    path = Path(identity["path"])
+    return path if (path / "model.safetensors").is_file() else None
+
+
+def save_sample_grid(model: Hourglass, dataset, config: PriorTrainingConfig, step: int, device: torch.device) -> Path:
+    from sundae.pipeline import decode_tokens_to_images, load_decoder_for
+    from sundae.sampler import SamplingOptions, sample
+    from sundae.data.images import save_image_grid
+
+    num_classes = model.config.num_classes
+    count = 4 * num_classes if num_classes is not None and num_classes <= 16 else 16
+    labels = None if num_classes is None else torch.arange(count, device=device) % num_classes
+    model.eval()
+    output = sample(model, options=SamplingOptions(steps=config.sample_steps), num_samples=count,
+                    grid_shape=model.config.latent_shape, class_labels=labels,
+                    seeds=torch.arange(count) + 1000 * config.seed)
+    model.train()
+    decoder = load_decoder_for(dataset, device)
+    images = decode_tokens_to_images(output.tokens, decoder)
+    path = Path(config.output_dir) / "samples" / f"step_{step:07d}.png"
+    save_image_grid(images, path, nrow=num_classes if num_classes is not None and num_classes <= 16 else None)
+    return path
+
+
+def train_prior(config: PriorTrainingConfig) -> Path:
+    """Train (or resume) a SUNDAE prior; returns the exported model directory."""
+    context = setup_distributed(config.device)
+    configure_logging(context.is_main)
+    try:
+        return _train(config, context)
+    finally:
+        teardown_distributed()
+
+
+def _train(config: PriorTrainingConfig, context: DistributedContext) -> Path:
+    output_dir = Path(config.output_dir)
+    dataset = open_token_dataset(config.data, "train")
+    validation = open_token_dataset(config.data, "validation")
+    model_config = model_config_for(dataset, config)
+    torch.manual_seed(config.seed)
+    model = Hourglass(model_config).to(context.device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
+                                  betas=config.betas, fused=context.device.type == "cuda")
+    ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay is not None else None
+    checkpointer = PriorCheckpointer(output_dir, config, dataset)
+    start_step = checkpointer.restore(model, optimizer, ema)
+    use_labels = model_config.num_classes is not None
+
+    objective: nn.Module = SundaeObjective(model, config.unroll_steps)
+    if config.compile:
+        objective = torch.compile(objective)
+    if context.enabled:
+        objective = DistributedDataParallel(objective, device_ids=[context.local_rank] if context.device.type == "cuda" else None)
+
+    metrics_logger = MetricsLogger(output_dir, enabled=context.is_main)
+    if context.is_main:
+        log.info("prior: %s parameters, %s, data %s (%d train / %d validation, grid %s, v=%d, classes=%s)",
+                 f"{sum(p.numel() for p in model.parameters()):,}", model_config.to_dict(), config.data, len(dataset),
+                 len(validation), tuple(dataset.grid_shape), dataset.codebook_size, model_config.num_classes)
+    end_step = config.steps if config.stop_after_steps is None else min(config.steps, start_step + config.stop_after_steps)
+    bar = progress_bar(total=config.steps, initial=start_step, enabled=context.is_main, description="train prior")
+    running: dict[str, Tensor] = {}
+    running_count = 0
+    started = time.perf_counter()
+    for step in range(start_step, end_step):
+        set_learning_rate(optimizer, learning_rate(step, base=config.learning_rate, warmup_steps=config.warmup_steps,
+                                                   total_steps=config.steps, schedule=config.schedule,
+                                                   final_ratio=config.final_learning_rate_ratio))
+        for micro in range(config.gradient_accumulation):
+            micro_step = step * config.gradient_accumulation + micro
+            indices = batch_indices(micro_step, dataset_size=len(dataset), batch_size=config.batch_size,
+                                    seed=config.seed, rank=context.rank, world_size=context.world_size)
+            tokens, labels = _batch(dataset, indices, context.device, use_labels)
+            generator = step_generator(config.seed, micro_step, context.rank, stream=1, device=context.device)
+            labels = drop_labels(labels, model_config.null_class, config.label_dropout, generator)
+            is_last = micro == config.gradient_accumulation - 1
+            sync = objective.no_sync() if (context.enabled and not is_last) else contextlib.nullcontext()
+            with sync, autocast_context(context.device):
+                loss, metrics = objective(tokens, labels, generator)
+                (loss / config.gradient_accumulation).backward()
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                running[name] = running.get(name, 0.0) + value.detach().float()
+            running_count += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        bar.update(1)
+        done = step + 1
+        if done % config.log_every == 0 or done == end_step:
+            averaged = mean_across_ranks({k: v / running_count for k, v in running.items()}, context)
+            averaged["grad_norm"] = grad_norm
+            averaged["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
+            averaged["steps_per_second"] = torch.tensor((done - start_step) / (time.perf_counter() - started))
+            values = metrics_logger.log(done, averaged, prefix="train/")
+            if values:
+                bar.set_postfix(loss=f"{values['train/loss']:.3f}")
+            running, running_count = {}, 0
+        if done % config.eval_every == 0 or done == config.steps:
+            metrics_logger.log(done, validation_loss(model, validation, config, context), prefix="validation/")
+        if context.is_main and (done % config.sample_every == 0 or done == config.steps):
+            path = save_sample_grid(model if ema is None else _ema_model(model, ema), dataset, config, done, context.device)
+            log.info("samples at step %d: %s", done, path)
+        if done % config.checkpoint_every == 0 or done == end_step:
+            if context.is_main:
+                checkpointer.save(done, model, optimizer, ema)
+            barrier(context)
+    bar.close()
+    metrics_logger.close()
+    return output_dir / "model"
+
+
+def _ema_model(model: Hourglass, ema: ExponentialMovingAverage) -> Hourglass:
+    copy = Hourglass(model.config).to(next(model.parameters()).device)
+    ema.copy_to(copy)
+    return copy

@@ -1,0 +1,254 @@
+"""Training loop of the VQ-GAN tokenizer (paper §3.5, Table 4, Eq. 7): orchestration only.
+
+The loss math lives in :mod:`sundae.tokenizer.losses` (L1 + perceptual + patch-GAN with the
+adaptive weight λ, codebook + commitment terms); this module alternates generator and
+discriminator steps with two AdamW optimizers, clips gradients, runs bf16 autocast on CUDA and
+DDP under ``torchrun``, logs codebook usage and perplexity, saves reconstruction grids, and
+writes atomic, exactly resumable checkpoints.
+
+Output directory layout::
+
+    OUT/checkpoint/   config.json, model.safetensors, discriminator.safetensors, training_state.pt
+    OUT/tokenizer/    config.json, model.safetensors     (the usable tokenizer)
+    OUT/reconstructions/step_XXXXXXX.png  (top rows: inputs, bottom rows: reconstructions)
+    OUT/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sundae.checkpoint import CheckpointError, load_weights, read_json, save_weights
+from sundae.config import ConfigBase, ConfigError, VQGANConfig
+from sundae.data.images import ImageFolder, save_image_grid
+from sundae.tokenizer import VQGAN
+from sundae.tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
+from sundae.tokenizer.losses import TokenizerLossConfig, discriminator_loss, generator_loss
+from sundae.tokenizer.perceptual import PerceptualLoss
+from sundae.training.common import (
+    MetricsLogger, StepBatchSampler, autocast_context, batch_indices, configure_logging, learning_rate, progress_bar,
+    read_training_state, recover_interrupted_checkpoint, replace_directory_atomically, set_learning_rate,
+    staging_directory, step_seed, write_training_state,
+)
+from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, setup_distributed, teardown_distributed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerTrainingConfig(ConfigBase):
+    images: str  # an image folder (recursive; class sub-folders are ignored here)
+    output_dir: str
+    model: dict[str, Any]  # VQGANConfig fields
+    loss: dict[str, Any]  # TokenizerLossConfig fields
+    discriminator: dict[str, Any]  # DiscriminatorConfig fields
+    perceptual: str = "auto"  # auto | lpips-vgg | stlpips-vgg | none
+    perceptual_vgg_path: str | None = None
+    perceptual_lin_path: str | None = None
+    steps: int = 20_000
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    discriminator_learning_rate: float | None = None  # None: same as learning_rate
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    betas: tuple[float, float] = (0.5, 0.9)  # taming's VQGAN betas
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 50
+    image_every: int = 500
+    checkpoint_every: int = 1000
+    stop_after_steps: int | None = None
+    num_workers: int = 0
+    device: str | None = None
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "image_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+class TokenizerCheckpointer:
+    def __init__(self, output_dir: Path, config: TokenizerTrainingConfig) -> None:
+        self.output_dir = output_dir
+        self.config = config
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoint"
+
+    def save(self, step: int, vqgan: VQGAN, discriminator: PatchDiscriminator,
+             optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        staging = staging_directory(self.checkpoint_dir)
+        vqgan.save_pretrained(staging, extra={"training": self.config.to_dict()})
+        save_weights(discriminator, staging / "discriminator.safetensors")
+        write_training_state(staging, {"step": step, **{name: opt.state_dict() for name, opt in optimizers.items()}})
+        replace_directory_atomically(staging, self.checkpoint_dir)
+        export = self.output_dir / "tokenizer"
+        staging = staging_directory(export)
+        vqgan.save_pretrained(staging)
+        replace_directory_atomically(staging, export)
+
+    def restore(self, vqgan: VQGAN, discriminator: PatchDiscriminator,
+                optimizers: dict[str, torch.optim.Optimizer]) -> int:
+        recover_interrupted_checkpoint(self.checkpoint_dir)
+        if not self.checkpoint_dir.exists():
+            return 0
+        saved = read_json(self.checkpoint_dir / "config.json")
+        if VQGANConfig.from_dict(saved["config"]) != vqgan.config:
+            raise CheckpointError(f"{self.checkpoint_dir} holds a tokenizer of another configuration than the one "
+                                  "requested; use a new --output-dir or the same model options")
+        load_weights(vqgan, self.checkpoint_dir / "model.safetensors")
+        load_weights(discriminator, self.checkpoint_dir / "discriminator.safetensors")
+        state = read_training_state(self.checkpoint_dir)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state[name])
+        log.info("resumed from %s at step %d", self.checkpoint_dir, state["step"])
+        return int(state["step"])
+
+
+def build_loader(dataset: ImageFolder, config: TokenizerTrainingConfig, start_step: int, end_step: int,
+                 context: DistributedContext) -> torch.utils.data.DataLoader:
+    sampler = StepBatchSampler(dataset_size=len(dataset), batch_size=config.batch_size, seed=config.seed,
+                               start_step=start_step, total_steps=end_step, rank=context.rank,
+                               world_size=context.world_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                                       pin_memory=context.device.type == "cuda")
+
+
+@torch.no_grad()
+def save_reconstruction_grid(vqgan: VQGAN, images: Tensor, path: Path) -> Path:
+    vqgan.eval()
+    reconstructions = vqgan(images).reconstruction.float().clamp(-1, 1)
+    vqgan.train()
+    count = images.shape[0]
+    save_image_grid(torch.cat([images.float().cpu(), reconstructions.cpu()]), path, nrow=count)
+    return path
+
+
+@torch.no_grad()
+def reconstruction_metrics(vqgan: VQGAN, images: Tensor) -> dict[str, float]:
+    """L1 and PSNR (images mapped to [0, 1]) of the tokenizer on ``images``, plus codebook use."""
+    was_training = vqgan.training
+    vqgan.eval()
+    output = vqgan(images)
+    vqgan.train(was_training)
+    reconstructions = output.reconstruction.float().clamp(-1, 1)
+    l1 = (reconstructions - images).abs().mean().item() / 2.0
+    mse = (((reconstructions - images) / 2.0) ** 2).flatten(1).mean(dim=1)
+    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
+    return {"l1": l1, "psnr": psnr, "perplexity": output.perplexity.item(), "codebook_usage": output.codebook_usage.item()}
+
+
+def train_tokenizer(config: TokenizerTrainingConfig) -> Path:
+    """Train (or resume) a VQ-GAN; returns the exported tokenizer directory."""
+    context = setup_distributed(config.device)
+    configure_logging(context.is_main)
+    try:
+        return _train(config, context)
+    finally:
+        teardown_distributed()
+
+
+def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path:
+    output_dir = Path(config.output_dir)
+    model_config = VQGANConfig.from_dict(config.model)
+    loss_config = TokenizerLossConfig.from_dict(config.loss)
+    dataset = ImageFolder(config.images, resolution=model_config.resolution)
+    torch.manual_seed(config.seed)
+    vqgan = VQGAN(model_config).to(context.device)
+    discriminator = PatchDiscriminator(DiscriminatorConfig.from_dict(
+        {"in_channels": model_config.out_channels, **config.discriminator})).to(context.device)
+    perceptual = PerceptualLoss.from_source(config.perceptual, vgg_path=config.perceptual_vgg_path,
+                                            lin_path=config.perceptual_lin_path).to(context.device)
+    fused = context.device.type == "cuda"
+    optimizers = {
+        "generator": torch.optim.AdamW(vqgan.parameters(), lr=config.learning_rate, betas=config.betas,
+                                       weight_decay=config.weight_decay, fused=fused),
+        "discriminator": torch.optim.AdamW(discriminator.parameters(), lr=config.learning_rate, betas=config.betas,
+                                           weight_decay=config.weight_decay, fused=fused),
+    }
+    discriminator_lr_ratio = (config.discriminator_learning_rate or config.learning_rate) / config.learning_rate
+    checkpointer = TokenizerCheckpointer(output_dir, config)
+    start_step = checkpointer.restore(vqgan, discriminator, optimizers)
+    end_step = config.steps if config.stop_after_steps is None else min(config.steps, start_step + config.stop_after_steps)
+
+    generator_model: nn.Module = vqgan
+    discriminator_model: nn.Module = discriminator
+    if context.enabled:
+        device_ids = [context.local_rank] if context.device.type == "cuda" else None
+        generator_model = DistributedDataParallel(vqgan, device_ids=device_ids)
+        discriminator_model = DistributedDataParallel(discriminator, device_ids=device_ids)
+
+    fixed_images = torch.stack([dataset[i][0] for i in batch_indices(0, dataset_size=len(dataset),
+                                batch_size=min(8, len(dataset)), seed=config.seed + 1)]).to(context.device)
+    metrics_logger = MetricsLogger(output_dir, enabled=context.is_main)
+    if context.is_main:
+        log.info("tokenizer: %s parameters, f=%d, codebook %d, perceptual features: %s, %d images from %s",
+                 f"{sum(p.numel() for p in vqgan.parameters()):,}", model_config.downsample_factor,
+                 model_config.codebook_size, perceptual.source, len(dataset), config.images)
+        metrics_logger.log(start_step, reconstruction_metrics(vqgan, fixed_images), prefix="reconstruction/")
+    bar = progress_bar(total=config.steps, initial=start_step, enabled=context.is_main, description="train tokenizer")
+    running: dict[str, Tensor] = {}
+    running_count = 0
+    started = time.perf_counter()
+    for step, (images, _) in enumerate(build_loader(dataset, config, start_step, end_step, context), start=start_step):
+        images = images.to(context.device, non_blocking=True)
+        lr = learning_rate(step, base=config.learning_rate, warmup_steps=config.warmup_steps,
+                           total_steps=config.steps, schedule=config.schedule)
+        set_learning_rate(optimizers["generator"], lr)
+        set_learning_rate(optimizers["discriminator"], lr * discriminator_lr_ratio)
+        torch.manual_seed(step_seed(config.seed, step, context.rank, stream=3))  # dropout / gumbel noise of this step
+
+        with autocast_context(context.device):
+            output = generator_model(images)
+            loss, metrics = generator_loss(images=images, reconstructions=output.reconstruction,
+                                           quantizer_loss=output.quantizer_loss, discriminator=discriminator_model,
+                                           perceptual=perceptual, last_layer=vqgan.last_layer, step=step,
+                                           config=loss_config)
+        optimizers["generator"].zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["generator_grad_norm"] = torch.nn.utils.clip_grad_norm_(vqgan.parameters(), config.grad_clip)
+        optimizers["generator"].step()
+
+        if step >= loss_config.discriminator_start:
+            with autocast_context(context.device):
+                d_loss, d_metrics = discriminator_loss(images=images, reconstructions=output.reconstruction.detach(),
+                                                       discriminator=discriminator_model, step=step, config=loss_config)
+            optimizers["discriminator"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            torch.nn.utils.clip_grad_norm_(discriminator.parameters(), config.grad_clip)
+            optimizers["discriminator"].step()
+            metrics.update(d_metrics)
+        metrics.update(perplexity=output.perplexity, codebook_usage=output.codebook_usage)
+        for name, value in metrics.items():
+            running[name] = running.get(name, 0.0) + value.detach().float()
+        running_count += 1
+        bar.update(1)
+        done = step + 1
+        if done % config.log_every == 0 or done == end_step:
+            averaged = mean_across_ranks({k: v / running_count for k, v in running.items()}, context)
+            averaged["steps_per_second"] = torch.tensor((done - start_step) / (time.perf_counter() - started))
+            metrics_logger.log(done, averaged, prefix="train/")
+            running, running_count = {}, 0
+        if context.is_main and (done % config.image_every == 0 or done == config.steps):
+            path = save_reconstruction_grid(vqgan, fixed_images, output_dir / "reconstructions" / f"step_{done:07d}.png")
+            metrics_logger.log(done, reconstruction_metrics(vqgan, fixed_images), prefix="reconstruction/")
+            log.info("reconstructions at step %d: %s", done, path)
+        if done % config.checkpoint_every == 0 or done == end_step:
+            if context.is_main:
+                checkpointer.save(done, vqgan, discriminator, optimizers)
+            barrier(context)
+    bar.close()
+    metrics_logger.close()
+    return output_dir / "tokenizer"

@@ -1,0 +1,206 @@
+"""The sampling loop: determinism, per-sample seeds, self-stopping, batch shrinking, keep-masks,
+schedules and classifier-free guidance (paper §3.4, §3.6)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from sundae.config import ConfigError, HOURGLASS_PRESETS
+from sundae.denoiser import Hourglass
+from sundae.sampler import SamplingOptions, categorical_from_uniform, filter_logits, sample, uniform_noise
+
+
+class PeakedDenoiser(nn.Module):
+    """Logits that prefer a fixed target token per position (plus a class offset), whatever the input.
+
+    Rows of every forward call are recorded, so tests can see the batch shrink.
+    """
+
+    def __init__(self, codebook_size: int = 16, num_classes: int | None = None, sharpness: float = 8.0) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(codebook_size=codebook_size, num_classes=num_classes, null_class=num_classes)
+        self.anchor = nn.Parameter(torch.zeros(()))
+        self.sharpness = sharpness
+        self.rows: list[int] = []
+
+    def forward(self, tokens, class_labels=None):
+        self.rows.append(tokens.shape[0])
+        b, h, w = tokens.shape
+        target = (torch.arange(h * w).view(h, w) * 7) % self.config.codebook_size
+        target = target.expand(b, h, w)
+        if class_labels is not None:
+            target = (target + class_labels.view(b, 1, 1)) % self.config.codebook_size
+        return torch.nn.functional.one_hot(target, self.config.codebook_size).float() * self.sharpness + self.anchor
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return Hourglass(HOURGLASS_PRESETS["tiny"].replace(num_classes=3)).eval()
+
+
+def test_seeded_sampling_is_deterministic(tiny_model):
+    options = SamplingOptions(steps=6)
+    first = sample(tiny_model, options=options, num_samples=3, grid_shape=(8, 8), seeds=[1, 2, 3])
+    second = sample(tiny_model, options=options, num_samples=3, grid_shape=(8, 8), seeds=[1, 2, 3])
+    assert torch.equal(first.tokens, second.tokens)
+    other = sample(tiny_model, options=options, num_samples=3, grid_shape=(8, 8), seeds=[4, 5, 6])
+    assert not torch.equal(first.tokens, other.tokens)
+
+
+def test_generator_gives_reproducible_seeds(tiny_model):
+    options = SamplingOptions(steps=3)
+    runs = [sample(tiny_model, options=options, num_samples=2, grid_shape=(8, 8),
+                   generator=torch.Generator().manual_seed(9)).tokens for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+def test_a_sample_does_not_depend_on_its_batch(tiny_model):
+    options = SamplingOptions(steps=8, proportion=0.6)
+    labels = torch.tensor([0, 1, 2, 1])
+    batch = sample(tiny_model, options=options, num_samples=4, grid_shape=(8, 8), seeds=[10, 11, 12, 13],
+                   class_labels=labels)
+    alone = sample(tiny_model, options=options, num_samples=1, grid_shape=(8, 8), seeds=[12],
+                   class_labels=labels[2:3])
+    assert torch.equal(batch.tokens[2], alone.tokens[0])
+    assert batch.steps_taken[2] == alone.steps_taken[0]
+
+
+def test_samples_stop_independently_and_match_the_full_trajectory():
+    model = PeakedDenoiser(codebook_size=16)
+    options = SamplingOptions(steps=12, proportion=0.3, temperature=0.2, end_temperature=0.2)
+    seeds = list(range(8))
+    stopped = sample(model, options=options, num_samples=8, grid_shape=(3, 3), seeds=seeds)
+    full = sample(model, options=options.replace(early_stop=False), num_samples=8, grid_shape=(3, 3), seeds=seeds,
+                  return_trajectory=True)
+    assert len(set(stopped.steps_taken.tolist())) > 1, "samples should stop at different steps"
+    for i in range(8):
+        taken = int(stopped.steps_taken[i])
+        path = [full.trajectory[t][i] for t in range(options.steps)]
+        first_unchanged = next((t + 1 for t in range(1, options.steps) if torch.equal(path[t], path[t - 1])),
+                               options.steps)
+        assert taken == first_unchanged
+        assert torch.equal(stopped.tokens[i], path[taken - 1])
+
+
+def test_finished_samples_leave_the_forward_batch():
+    model = PeakedDenoiser(codebook_size=16, sharpness=50.0)
+    options = SamplingOptions(steps=10, proportion=1.0, temperature=1.0, end_temperature=1.0)
+    result = sample(model, options=options, num_samples=4, grid_shape=(2, 2), seeds=[1, 2, 3, 4])
+    # step 1 sets every token to its target, step 2 changes nothing: all stop after 2 steps
+    assert result.steps_taken.tolist() == [2, 2, 2, 2]
+    assert model.rows == [4, 4]
+
+
+def test_compaction_interval_does_not_change_results():
+    options = SamplingOptions(steps=12, proportion=0.3, temperature=0.2, end_temperature=0.2)
+    every_step = sample(PeakedDenoiser(), options=options, num_samples=6, grid_shape=(3, 3), seeds=list(range(6)))
+    lazy_model = PeakedDenoiser()
+    lazy = sample(lazy_model, options=options.replace(compaction_interval=5), num_samples=6, grid_shape=(3, 3),
+                  seeds=list(range(6)))
+    assert torch.equal(every_step.tokens, lazy.tokens)
+    assert torch.equal(every_step.steps_taken, lazy.steps_taken)
+    assert len(set(lazy_model.rows[:5])) == 1  # no compaction before step 5
+
+
+def test_one_step_and_no_early_stop(tiny_model):
+    one = sample(tiny_model, options=SamplingOptions(steps=1), num_samples=2, grid_shape=(8, 8), seeds=[0, 1])
+    assert one.steps_taken.tolist() == [1, 1]
+    model = PeakedDenoiser(sharpness=50.0)
+    full = sample(model, options=SamplingOptions(steps=5, early_stop=False), num_samples=2, grid_shape=(2, 2),
+                  seeds=[0, 1])
+    assert full.steps_taken.tolist() == [5, 5] and model.rows == [2] * 5
+
+
+def test_keep_mask_never_changes_known_tokens(tiny_model):
+    generator = torch.Generator().manual_seed(0)
+    known = torch.randint(0, 64, (3, 8, 8), generator=generator)
+    keep = torch.rand(3, 8, 8, generator=generator) < 0.5
+    trajectory_check = []
+    result = sample(tiny_model, options=SamplingOptions(steps=6, early_stop=False), tokens=known,
+                    randomize_mask=~keep, keep_mask=keep, seeds=[1, 2, 3],
+                    callback=lambda step, tokens, finished: trajectory_check.append(tokens.clone()))
+    assert torch.equal(result.tokens[keep], known[keep])
+    assert all(torch.equal(tokens[keep], known[keep]) for tokens in trajectory_check)
+    assert not torch.equal(result.tokens[~keep], known[~keep])
+
+
+def test_schedules_hit_their_end_values():
+    options = SamplingOptions(steps=7, temperature=1.2, end_temperature=0.3, proportion=0.9, end_proportion=0.2,
+                              temperature_schedule="cosine")
+    assert options.temperature_at(0) == pytest.approx(1.2) and options.temperature_at(6) == pytest.approx(0.3)
+    assert options.proportion_at(0) == pytest.approx(0.9) and options.proportion_at(6) == pytest.approx(0.2)
+    assert options.temperature_at(3) == pytest.approx(0.75)  # cosine midpoint
+    assert options.proportion_at(3) == pytest.approx(0.55)  # linear midpoint
+    constant = SamplingOptions(steps=4, proportion=0.5)
+    assert [constant.proportion_at(t) for t in range(4)] == [0.5] * 4
+    assert SamplingOptions(steps=1, temperature=1.0, end_temperature=0.4).temperature_at(0) == pytest.approx(0.4)
+
+
+def test_guidance_scale_zero_is_the_unconditional_path(tiny_model):
+    options = SamplingOptions(steps=4)
+    labels = torch.tensor([0, 2])
+    guided = sample(tiny_model, options=options.replace(guidance_scale=0.0), num_samples=2, grid_shape=(8, 8),
+                    seeds=[5, 6], class_labels=labels)
+    null = torch.full((2,), tiny_model.config.null_class)
+    unconditional = sample(tiny_model, options=options, num_samples=2, grid_shape=(8, 8), seeds=[5, 6],
+                           class_labels=None)
+    assert torch.equal(guided.tokens, unconditional.tokens)  # None labels = null class on a conditional model
+    strong = sample(tiny_model, options=options.replace(guidance_scale=3.0), num_samples=2, grid_shape=(8, 8),
+                    seeds=[5, 6], class_labels=labels)
+    assert not torch.equal(strong.tokens, guided.tokens)
+    assert null.tolist() == [3, 3]
+
+
+def test_class_labels_steer_the_peaked_model():
+    model = PeakedDenoiser(codebook_size=16, num_classes=4, sharpness=50.0)
+    result = sample(model, options=SamplingOptions(steps=3, proportion=1.0), num_samples=2, grid_shape=(2, 2),
+                    seeds=[0, 0], class_labels=torch.tensor([1, 3]))
+    target = (torch.arange(4).view(2, 2) * 7) % 16
+    assert torch.equal(result.tokens[0], (target + 1) % 16)
+    assert torch.equal(result.tokens[1], (target + 3) % 16)
+
+
+def test_noise_is_uniform_and_batch_independent():
+    seeds = torch.tensor([3, 4, 5])
+    noise = uniform_noise(seeds, step=2, stream=1, shape=(4000,))
+    assert 0 < float(noise.min()) and float(noise.max()) < 1
+    assert abs(float(noise.mean()) - 0.5) < 0.02 and abs(float(noise.std()) - 12 ** -0.5) < 0.01
+    assert torch.equal(uniform_noise(seeds[1:], 2, 1, (4000,)), noise[1:])
+    assert not torch.equal(uniform_noise(seeds, 3, 1, (4000,)), noise)
+
+
+def test_inverse_cdf_draws_match_the_distribution():
+    probabilities = torch.tensor([0.1, 0.6, 0.3])
+    uniform = uniform_noise(torch.tensor([1]), 0, 0, (50_000,))[0]
+    draws = categorical_from_uniform(probabilities.log().expand(50_000, 3), uniform)
+    assert torch.allclose(torch.bincount(draws, minlength=3) / 50_000., probabilities, atol=0.01)
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2, top_p=None)[0, 2:]).all()
+    kept = ~torch.isinf(filter_logits(logits, top_k=None, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(temperature=0.0), dict(end_temperature=-1.0),
+                                 dict(proportion=0.0), dict(proportion=1.5), dict(top_k=0), dict(top_p=0.0),
+                                 dict(guidance_scale=-1.0), dict(temperature_schedule="exp")])
+def test_bad_options_are_rejected(bad):
+    with pytest.raises(ConfigError):
+        SamplingOptions(**bad)
+
+
+def test_bad_inputs_are_rejected(tiny_model):
+    with pytest.raises(ValueError, match="range"):
+        sample(tiny_model, tokens=torch.full((1, 8, 8), 64), seeds=[0])
+    with pytest.raises(ValueError, match="class"):
+        sample(tiny_model, num_samples=1, grid_shape=(8, 8), class_labels=torch.tensor([7]), seeds=[0])
+    with pytest.raises(ValueError, match="one seed per sample"):
+        sample(tiny_model, num_samples=2, grid_shape=(8, 8), seeds=[0])
+    unconditional = Hourglass(HOURGLASS_PRESETS["tiny"])
+    with pytest.raises(ValueError, match="unconditional"):
+        sample(unconditional, num_samples=1, grid_shape=(8, 8), class_labels=torch.tensor([0]), seeds=[0])
