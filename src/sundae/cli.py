@@ -394,7 +394,8 @@ def given(**values: Any) -> dict[str, Any]:
 @user_errors
 def train_tokenizer_command(images: str, output_dir: str, preset_name: str, resolution, codebook_size, channels,
                             channel_multipliers, num_res_blocks, embed_dim, discriminator_start, discriminator_weight,
-                            perceptual_weight, **kwargs: Any) -> None:
+                            perceptual_weight, perceptual, perceptual_vgg_path, perceptual_lin_path,
+                            **kwargs: Any) -> None:
     """Train a VQ-GAN on an image folder (multi-GPU: torchrun --nproc_per_node=N -m sundae.cli ...)."""
     from sundae.config import VQGAN_PRESETS, preset
     from sundae.training.tokenizer import TokenizerTrainingConfig, train_tokenizer
@@ -406,7 +407,8 @@ def train_tokenizer_command(images: str, output_dir: str, preset_name: str, reso
     if embed_dim is not None and model.quantizer == "gumbel":
         model = model.replace(z_channels=embed_dim)
     loss = given(discriminator_start=discriminator_start, discriminator_weight=discriminator_weight,
-                 perceptual_weight=perceptual_weight)
+                 perceptual_weight=perceptual_weight, perceptual=perceptual, perceptual_vgg_path=perceptual_vgg_path,
+                 perceptual_lin_path=perceptual_lin_path)
     config = TokenizerTrainingConfig(images=images, output_dir=output_dir, model=model.to_dict(), loss=loss,
                                      discriminator={}, **kwargs)
     click.echo(f"tokenizer written to {train_tokenizer(config)}")

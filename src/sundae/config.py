@@ -149,7 +149,12 @@ VQGAN_PRESETS: dict[str, VQGANConfig] = {
         resolution=1024, channels=128, channel_multipliers=(1, 1, 2, 2, 4, 4), num_res_blocks=1,
         attention_resolutions=(64, 32), z_channels=256, embed_dim=256, codebook_size=8192,
     ),
-    # tiny models for tests and the shipped MNIST-scale default
+    # the shipped default's tokenizer: 28x28 Fashion-MNIST -> 7x7 tokens of 512 codes
+    "fashion-mnist-f4": VQGANConfig(
+        resolution=28, channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,),
+        z_channels=32, embed_dim=32, codebook_size=512,
+    ),
+    # tiny model for tests
     "tiny-f4": VQGANConfig(
         resolution=32, channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
         z_channels=32, embed_dim=32, codebook_size=256,

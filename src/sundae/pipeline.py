@@ -38,6 +38,12 @@ class PipelineOutput:
     trajectory: list[Tensor] | None = None
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module with neither)."""
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
 def load_tokenizer(directory: Path | None, device: torch.device | str = "cpu") -> nn.Module:
     """The VQ-GAN saved in ``directory``, or the pixel tokenizer when there is none."""
     if directory is None:
@@ -58,7 +64,7 @@ def load_decoder_for(dataset, device: torch.device | str) -> nn.Module:
 @torch.inference_mode()
 def decode_tokens_to_images(tokens: Tensor, tokenizer: nn.Module, batch_size: int = 32) -> Tensor:
     """Decode (B, h, w) tokens into images (B, C, H, W) in [-1, 1], in chunks to bound memory."""
-    device = next(iter(tokenizer.buffers()), torch.zeros(())).device
+    device = module_device(tokenizer)
     chunks = [tokenizer.decode(chunk.to(device)).float().clamp(-1, 1).cpu() for chunk in tokens.split(batch_size)]
     return torch.cat(chunks)
 
@@ -179,7 +185,7 @@ class SundaePipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.prior.parameters()).device
+        return module_device(self.prior)
 
     @property
     def factor(self) -> int:

@@ -31,8 +31,7 @@ from sundae.config import ConfigBase, ConfigError, VQGANConfig
 from sundae.data.images import ImageFolder, save_image_grid
 from sundae.tokenizer import VQGAN
 from sundae.tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
-from sundae.tokenizer.losses import TokenizerLossConfig, discriminator_loss, generator_loss
-from sundae.tokenizer.perceptual import PerceptualLoss
+from sundae.tokenizer.losses import TokenizerLossConfig, build_perceptual_loss, discriminator_loss, generator_loss
 from sundae.training.common import (
     MetricsLogger, StepBatchSampler, autocast_context, batch_indices, configure_logging, learning_rate, progress_bar,
     read_training_state, recover_interrupted_checkpoint, replace_directory_atomically, set_learning_rate,
@@ -50,9 +49,6 @@ class TokenizerTrainingConfig(ConfigBase):
     model: dict[str, Any]  # VQGANConfig fields
     loss: dict[str, Any]  # TokenizerLossConfig fields
     discriminator: dict[str, Any]  # DiscriminatorConfig fields
-    perceptual: str = "auto"  # auto | lpips-vgg | stlpips-vgg | none
-    perceptual_vgg_path: str | None = None
-    perceptual_lin_path: str | None = None
     steps: int = 20_000
     batch_size: int = 8
     learning_rate: float = 1e-4
@@ -169,8 +165,7 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
     vqgan = VQGAN(model_config).to(context.device)
     discriminator = PatchDiscriminator(DiscriminatorConfig.from_dict(
         {"in_channels": model_config.out_channels, **config.discriminator})).to(context.device)
-    perceptual = PerceptualLoss.from_source(config.perceptual, vgg_path=config.perceptual_vgg_path,
-                                            lin_path=config.perceptual_lin_path).to(context.device)
+    perceptual = build_perceptual_loss(loss_config).to(context.device)
     fused = context.device.type == "cuda"
     optimizers = {
         "generator": torch.optim.AdamW(vqgan.parameters(), lr=config.learning_rate, betas=config.betas,
@@ -213,7 +208,7 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
         with autocast_context(context.device):
             output = generator_model(images)
             loss, metrics = generator_loss(images=images, reconstructions=output.reconstruction,
-                                           quantizer_loss=output.quantizer_loss, discriminator=discriminator_model,
+                                           quantizer_loss=output.quantizer_loss, discriminator=discriminator,
                                            perceptual=perceptual, last_layer=vqgan.last_layer, step=step,
                                            config=loss_config)
         optimizers["generator"].zero_grad(set_to_none=True)

@@ -1,0 +1,65 @@
+"""The tokenizer's training loop: exact resume (generator, discriminator, optimizers) and outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sundae.config import VQGANConfig
+from sundae.training.tokenizer import TokenizerTrainingConfig, train_tokenizer
+
+MODEL = VQGANConfig(resolution=16, channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+                    attention_resolutions=(8,), z_channels=32, embed_dim=8, codebook_size=16).to_dict()
+
+
+def write_images(folder: Path, count: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        array = np.zeros((20, 24, 3), dtype=np.uint8)
+        colour = rng.integers(40, 255, size=3)
+        top, left = rng.integers(0, 10, size=2)
+        array[top:top + 8, left:left + 10] = colour
+        (folder / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(folder / f"class{index % 2}" / f"{index:03d}.png")
+    return folder
+
+
+def config(images: Path, out: Path, **changes) -> TokenizerTrainingConfig:
+    fields = dict(images=str(images), output_dir=str(out), model=MODEL,
+                  loss={"discriminator_start": 2, "perceptual": "none"}, discriminator={"channels": 8, "layers": 1},
+                  steps=4, batch_size=3, log_every=1, image_every=2, checkpoint_every=2, device="cpu")
+    return TokenizerTrainingConfig(**{**fields, **changes})
+
+
+def test_two_steps_plus_resume_equal_four_steps(tmp_path):
+    images = write_images(tmp_path / "images")
+    train_tokenizer(config(images, tmp_path / "straight"))
+    train_tokenizer(config(images, tmp_path / "resumed", stop_after_steps=2))
+    assert torch.load(tmp_path / "resumed" / "checkpoint" / "training_state.pt", weights_only=True)["step"] == 2
+    train_tokenizer(config(images, tmp_path / "resumed"))
+    for name in ("checkpoint/model.safetensors", "checkpoint/discriminator.safetensors", "tokenizer/model.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    straight = tmp_path / "straight"
+    assert (straight / "reconstructions" / "step_0000004.png").is_file()
+    lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    trained = [line for line in lines if "train/loss" in line]
+    assert [line["step"] for line in trained] == [1, 2, 3, 4]
+    assert "train/discriminator_loss" not in trained[1] and "train/discriminator_loss" in trained[2]
+    assert all(0 < line["train/codebook_usage"] <= 1 and line["train/perplexity"] >= 1 for line in trained)
+
+
+def test_training_lowers_reconstruction_error(tmp_path):
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "run"
+    train_tokenizer(config(images, out, steps=40, learning_rate=2e-3, loss={"discriminator_start": 1000,
+                                                                             "perceptual": "none"},
+                           image_every=40, checkpoint_every=40, log_every=10))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    l1 = [line["reconstruction/l1"] for line in lines if "reconstruction/l1" in line]
+    assert l1[-1] < 0.5 * l1[0]
