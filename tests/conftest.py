@@ -31,3 +31,25 @@ def write_pixel_npz(path: Path, *, count: int = 48, side: int = 8, classes: int 
 @pytest.fixture
 def pixel_npz(tmp_path: Path) -> Path:
     return write_pixel_npz(tmp_path / "pixels.npz")
+
+
+def build_tiny_pipeline(directory: Path, *, num_classes: int | None = 3):
+    """A random two-stage pipeline: VQ-GAN with f=2 on 16x16 RGB images, 8x8 tokens of 16 codes."""
+    from sundae.config import HourglassConfig, VQGANConfig
+    from sundae.denoiser import Hourglass
+    from sundae.pipeline import SundaePipeline
+    from sundae.tokenizer import VQGAN
+
+    torch.manual_seed(0)
+    tokenizer = VQGAN(VQGANConfig(resolution=16, channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+                                  attention_resolutions=(), z_channels=32, embed_dim=8, codebook_size=16))
+    prior = Hourglass(HourglassConfig(codebook_size=16, dim=32, depth=(1, 1, 1), heads=2, head_dim=16,
+                                      latent_shape=(8, 8), num_classes=num_classes))
+    names = None if num_classes is None else [f"class{c}" for c in range(num_classes)]
+    SundaePipeline(prior, tokenizer, class_names=names).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline") / "model")

@@ -1,0 +1,83 @@
+"""The command line: what each command writes, and one clear error line with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from sundae.cli import main
+
+
+@pytest.fixture
+def image_path(tmp_path):
+    path = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_sample_writes_grid_images_and_trajectory(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    result = run("sample", tiny_pipeline_dir, "--out", out, "-n", 3, "--steps", 2, "--classes", "class1,0",
+                 "--per-image-dir", tmp_path / "each", "--trajectory", tmp_path / "denoise.gif")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size[0] > 16 and len(list((tmp_path / "each").glob("*.png"))) == 3
+    gif = Image.open(tmp_path / "denoise.gif")
+    assert gif.n_frames == 2
+    assert "3 images" in result.output
+
+
+def test_inpaint_outpaint_refine_write_results(tiny_pipeline_dir, image_path, tmp_path):
+    mask = tmp_path / "mask.png"
+    array = np.zeros((16, 16), dtype=np.uint8)
+    array[4:10, 4:10] = 255
+    Image.fromarray(array).save(mask)
+    for args in (["inpaint", image_path, "--mask", mask], ["inpaint", image_path, "--box", "0,0,8,8"],
+                 ["refine", image_path, "--box", "2,2,6,6", "--strength", "0.3"],
+                 ["outpaint", image_path, "--right", 4]):
+        out = tmp_path / f"{args[0]}.png"
+        result = run(*args, "--model", tiny_pipeline_dir, "--out", out, "-n", 2, "--steps", 2)
+        assert result.exit_code == 0, result.output
+        assert out.is_file()
+
+
+def test_describe_prints_parameter_count():
+    result = run("describe", "tiny", "--no-time-step")
+    assert result.exit_code == 0
+    facts = json.loads(result.output)
+    assert facts["parameters"] > 0 and facts["tokens_per_level"] == [64, 16]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--steps", "0"], "steps"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--temperature", "0"], "temperature"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--end-temperature", "-1"], "temperature"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--classes", "dog"], "unknown class"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--classes", "9"], "out of range"),
+    (["sample", "{tmp}/no-model", "--out", "{tmp}/x.png"], "does not exist"),
+    (["inpaint", "{tmp}/missing.png", "--box", "0,0,4,4", "--model", "{model}", "--out", "{tmp}/x.png"], "does not exist"),
+    (["inpaint", "{image}", "--mask", "{tmp}/small.png", "--model", "{model}", "--out", "{tmp}/x.png"], "same size"),
+    (["inpaint", "{odd}", "--box", "0,0,4,4", "--model", "{model}", "--out", "{tmp}/x.png"], "multiples"),
+    (["inpaint", "{image}", "--box", "0,0,40,4", "--model", "{model}", "--out", "{tmp}/x.png"], "box"),
+    (["inpaint", "{image}", "--model", "{model}", "--out", "{tmp}/x.png"], "exactly one"),
+    (["outpaint", "{image}", "--left", "3", "--model", "{model}", "--out", "{tmp}/x.png"], "multiples"),
+    (["refine", "{image}", "--box", "0,0,4,4", "--strength", "2", "--model", "{model}", "--out", "{tmp}/x.png"],
+     "strength"),
+    (["describe", "no-such-preset"], "unknown preset"),
+])
+def test_bad_input_gives_exit_code_2_and_one_line(args, message, tiny_pipeline_dir, image_path, tmp_path):
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.zeros((15, 16, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
+    values = {"model": tiny_pipeline_dir, "tmp": tmp_path, "image": image_path, "odd": tmp_path / "odd.png"}
+    result = CliRunner().invoke(main, [a.format(**values) for a in args])
+    assert result.exit_code == 2, result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,94 @@
+"""SundaePipeline: persistence, sampling, and the keep-mask guarantees of inpaint/outpaint/refine (§3.6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sundae.checkpoint import CheckpointError
+from sundae.pipeline import SundaePipeline, box_mask, token_mask_from_pixels
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline_dir):
+    return SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def picture():
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+
+
+def test_save_and_load_give_the_same_images(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "copy")
+    again = SundaePipeline.from_pretrained(tmp_path / "copy", device="cpu")
+    a = pipe(2, seed=3, steps=3, output_type="pt", class_labels=[0, 1])
+    b = again(2, seed=3, steps=3, output_type="pt", class_labels=[0, 1])
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
+    assert again.class_names == ["class0", "class1", "class2"] and again.image_size == (16, 16)
+
+
+def test_seed_gives_each_image_its_own_sample(pipe):
+    batch = pipe(3, seed=10, steps=3, output_type="pt")
+    single = pipe(1, seed=12, steps=3, output_type="pt")
+    assert torch.equal(batch.tokens[2], single.tokens[0])
+    assert len(pipe(2, seed=0, steps=2).images) == 2
+
+
+def test_token_mask_rules():
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0, 0] = True  # one pixel of the top-left 2x2 patch
+    mask[2:4, 2:4] = True  # the whole bottom-right patch
+    assert token_mask_from_pixels(mask, 2, "any").tolist() == [[True, False], [False, True]]
+    assert token_mask_from_pixels(mask, 2, "all").tolist() == [[False, False], [False, True]]
+    with pytest.raises(ValueError, match="multiple"):
+        token_mask_from_pixels(torch.zeros(5, 4, dtype=torch.bool), 2)
+
+
+def test_inpainting_keeps_known_tokens_and_pixels(pipe, picture):
+    mask = box_mask((16, 16), (3, 5, 9, 12))
+    _, known = pipe.encode(picture)
+    result = pipe.inpaint(picture, mask, num_images=3, seed=0, steps=4, output_type="pt")
+    token_mask = token_mask_from_pixels(mask, 2, "any")
+    assert all(torch.equal(tokens[~token_mask], known[0][~token_mask]) for tokens in result.tokens)
+    assert not torch.equal(result.tokens[0][token_mask], result.tokens[1][token_mask])  # diverse fills
+    original = torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.allclose(result.images[:, :, ~mask], original[:, ~mask].expand(3, -1, -1), atol=1e-6)
+
+
+def test_refine_with_zero_strength_starts_from_the_current_tokens(pipe, picture):
+    mask = box_mask((16, 16), (0, 0, 8, 8))
+    _, known = pipe.encode(picture)
+    result = pipe.refine(picture, mask, strength=0.0, num_images=2, seed=0, steps=3, output_type="pt")
+    token_mask = token_mask_from_pixels(mask, 2)
+    assert torch.equal(result.tokens[0][~token_mask], known[0][~token_mask])
+    with pytest.raises(ValueError, match="strength"):
+        pipe.refine(picture, mask, strength=1.5)
+
+
+def test_outpainting_keeps_the_original_tokens(pipe, picture):
+    _, known = pipe.encode(picture)
+    result = pipe.outpaint(picture, left=4, bottom=2, num_images=2, seed=0, steps=3, output_type="pt")
+    assert result.tokens.shape == (2, 9, 10)
+    assert all(torch.equal(tokens[0:8, 2:10], known[0]) for tokens in result.tokens)
+    assert result.images.shape == (2, 3, 18, 20)
+    with pytest.raises(ValueError, match="multiples"):
+        pipe.outpaint(picture, left=3)
+
+
+def test_bad_inputs_give_clear_errors(pipe, picture, tmp_path):
+    with pytest.raises(ValueError, match="same size"):
+        pipe.inpaint(picture, np.ones((8, 8), dtype=bool))
+    with pytest.raises(ValueError, match="multiples of the tokenizer factor"):
+        pipe.inpaint(picture.crop((0, 0, 15, 16)), np.ones((16, 15), dtype=bool))
+    with pytest.raises(ValueError, match="unknown class"):
+        pipe(1, class_labels="dog")
+    with pytest.raises(ValueError, match="out of range"):
+        pipe(1, class_labels=7)
+    with pytest.raises(FileNotFoundError):
+        pipe.inpaint(tmp_path / "missing.png", np.ones((16, 16), dtype=bool))
+    with pytest.raises(CheckpointError):
+        SundaePipeline.from_pretrained(tmp_path)
