@@ -32,7 +32,8 @@ def write_images(folder: Path, count: int = 12) -> Path:
 def config(images: Path, out: Path, **changes) -> TokenizerTrainingConfig:
     fields = dict(images=str(images), output_dir=str(out), model=MODEL,
                   loss={"discriminator_start": 2, "perceptual": "none"}, discriminator={"channels": 8, "layers": 1},
-                  steps=4, batch_size=3, log_every=1, image_every=2, checkpoint_every=2, device="cpu")
+                  steps=4, batch_size=3, log_every=1, image_every=2, checkpoint_every=2, revive_dead_codes_every=3,
+                  device="cpu")
     return TokenizerTrainingConfig(**{**fields, **changes})
 
 
@@ -63,3 +64,30 @@ def test_training_lowers_reconstruction_error(tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     l1 = [line["reconstruction/l1"] for line in lines if "reconstruction/l1" in line]
     assert l1[-1] < 0.5 * l1[0]
+
+
+def test_dead_codes_are_revived_from_encoder_outputs():
+    from sundae.training.distributed import DistributedContext
+    from sundae.training.tokenizer import DeadCodeReviver
+    from sundae.tokenizer import VQGAN
+
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQGANConfig.from_dict(MODEL))
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        vqgan.quantize.embedding.weight[10:] += 100.0  # far from every latent: never chosen
+    reviver = DeadCodeReviver(16, interval=2)
+    used = vqgan.encode(images)
+    reviver.observe(used)
+    before = vqgan.quantize.embedding.weight.detach().clone()
+    context = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    assert reviver.maybe_revive(0, vqgan, images, seed=0, context=context) == 0  # window not closed yet
+    revived = reviver.maybe_revive(1, vqgan, images, seed=0, context=context)
+    dead = sorted(set(range(16)) - set(used.unique().tolist()))
+    assert revived == len(dead) >= 6
+    after = vqgan.quantize.embedding.weight.detach()
+    alive = sorted(set(used.unique().tolist()))
+    assert torch.equal(after[alive], before[alive])
+    latents = vqgan.encode_latents(images).detach().permute(0, 2, 3, 1).reshape(-1, 8)
+    assert all(bool((latents == after[code]).all(dim=1).any()) for code in dead)
+    assert int(reviver.counts.sum()) == 0

@@ -415,6 +415,42 @@ def train_tokenizer_command(images: str, output_dir: str, preset_name: str, reso
 
 
 @main.command()
+@click.argument("tokenizer_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("images", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Grid PNG: inputs (top) over reconstructions (bottom).")
+@click.option("--limit", type=int, default=1000, show_default=True, help="Images to measure.")
+@click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--device", default=None)
+@user_errors
+def reconstruct(tokenizer_dir: str, images: str, out: Path | None, limit: int, batch_size: int,
+                device: str | None) -> None:
+    """Measure a tokenizer's reconstructions (L1, PSNR, codebook use) on an image folder."""
+    import torch
+
+    from sundae.data.images import ImageFolder
+    from sundae.tokenizer import VQGAN
+    from sundae.training.tokenizer import reconstruction_metrics, save_reconstruction_grid
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = VQGAN.from_pretrained(tokenizer_dir, map_location=device).eval()
+    folder = ImageFolder(images, resolution=tokenizer.config.resolution)
+    count = min(limit, len(folder))
+    step = max(1, len(folder) // count)  # an even spread over the (class-sorted) folder
+    indices = list(range(0, step * count, step))
+    totals: dict[str, float] = {}
+    for start in range(0, count, batch_size):
+        batch = torch.stack([folder[i][0] for i in indices[start:start + batch_size]]).to(device)
+        for name, value in reconstruction_metrics(tokenizer, batch).items():
+            totals[name] = totals.get(name, 0.0) + value * len(batch) / count
+    click.echo(json.dumps({"tokenizer": tokenizer_dir, "images": count, **{k: round(v, 4) for k, v in totals.items()}}))
+    if out is not None:
+        sample_images = torch.stack([folder[i][0] for i in indices[:: max(1, count // 16)][:16]]).to(device)
+        save_reconstruction_grid(tokenizer, sample_images, out)
+        click.echo(f"wrote {out}")
+
+
+@main.command()
 @click.argument("images", type=click.Path(exists=True, file_okay=False))
 @click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A tokenizer directory (sundae train-tokenizer / convert-taming).")
@@ -469,6 +505,7 @@ def encode(images: str, tokenizer_dir: str, output_dir: str, resolution: int | N
 @click.option("--eval-every", type=int, default=500, show_default=True)
 @click.option("--eval-batches", type=int, default=8, show_default=True)
 @click.option("--sample-every", type=int, default=1000, show_default=True)
+@click.option("--sample-steps", type=int, default=50, show_default=True, help="Sampling steps of the sample grids.")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True)
 @click.option("--stop-after-steps", type=int, default=None, help="End this run early (resume later).")
 @click.option("--seed", type=int, default=0, show_default=True)

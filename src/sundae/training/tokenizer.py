@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -62,6 +63,7 @@ class TokenizerTrainingConfig(ConfigBase):
     log_every: int = 50
     image_every: int = 500
     checkpoint_every: int = 1000
+    revive_dead_codes_every: int | None = 200  # None: never (plain taming training)
     stop_after_steps: int | None = None
     num_workers: int = 0
     device: str | None = None
@@ -74,6 +76,51 @@ class TokenizerTrainingConfig(ConfigBase):
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
+class DeadCodeReviver:
+    """Dead-code restart: every ``interval`` steps, codes no batch used since the last check are
+    re-initialised to encoder outputs of the current batch (Dhariwal et al. 2020 "Jukebox" §2.2;
+    Zeghidour et al. 2021). Without it a small VQ codebook collapses to a few codes on CPU-scale
+    runs (we saw 14 of 512 codes in use after 300 steps).
+
+    Usage counts are part of the training state, and the choice of replacements is seeded by the
+    step, so resume stays exact; under DDP rank 0 decides and broadcasts the codebook.
+    """
+
+    def __init__(self, codebook_size: int, interval: int) -> None:
+        self.interval = interval
+        self.counts = torch.zeros(codebook_size, dtype=torch.long)
+
+    def observe(self, indices: Tensor) -> None:
+        self.counts += torch.bincount(indices.flatten().cpu(), minlength=len(self.counts))
+
+    @torch.no_grad()
+    def maybe_revive(self, step: int, vqgan: VQGAN, images: Tensor, seed: int, context: DistributedContext) -> int:
+        """Revive dead codes when ``step`` closes a window; returns how many were revived."""
+        if (step + 1) % self.interval:
+            return 0
+        if context.enabled:
+            counts = self.counts.to(context.device)
+            torch.distributed.all_reduce(counts)
+            self.counts = counts.cpu()
+        dead = torch.nonzero(self.counts == 0).flatten()
+        weight = vqgan.quantize.embedding.weight
+        if context.is_main and len(dead):
+            latents = rearrange(vqgan.encode_latents(images).float(), "b d h w -> (b h w) d")
+            generator = torch.Generator().manual_seed(step_seed(seed, step, 0, stream=5))
+            choice = torch.randint(0, len(latents), (len(dead),), generator=generator).to(latents.device)
+            weight.data[dead.to(weight.device)] = latents[choice].to(weight.dtype)
+        if context.enabled:
+            torch.distributed.broadcast(weight.data, src=0)
+        self.counts.zero_()
+        return len(dead)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.counts = state["counts"].clone()
+
+
 class TokenizerCheckpointer:
     def __init__(self, output_dir: Path, config: TokenizerTrainingConfig) -> None:
         self.output_dir = output_dir
@@ -84,11 +131,12 @@ class TokenizerCheckpointer:
         return self.output_dir / "checkpoint"
 
     def save(self, step: int, vqgan: VQGAN, discriminator: PatchDiscriminator,
-             optimizers: dict[str, torch.optim.Optimizer]) -> None:
+             optimizers: dict[str, torch.optim.Optimizer], reviver: DeadCodeReviver | None) -> None:
         staging = staging_directory(self.checkpoint_dir)
         vqgan.save_pretrained(staging, extra={"training": self.config.to_dict()})
         save_weights(discriminator, staging / "discriminator.safetensors")
-        write_training_state(staging, {"step": step, **{name: opt.state_dict() for name, opt in optimizers.items()}})
+        write_training_state(staging, {"step": step, **{name: opt.state_dict() for name, opt in optimizers.items()},
+                                       "reviver": None if reviver is None else reviver.state_dict()})
         replace_directory_atomically(staging, self.checkpoint_dir)
         export = self.output_dir / "tokenizer"
         staging = staging_directory(export)
@@ -96,7 +144,7 @@ class TokenizerCheckpointer:
         replace_directory_atomically(staging, export)
 
     def restore(self, vqgan: VQGAN, discriminator: PatchDiscriminator,
-                optimizers: dict[str, torch.optim.Optimizer]) -> int:
+                optimizers: dict[str, torch.optim.Optimizer], reviver: DeadCodeReviver | None) -> int:
         recover_interrupted_checkpoint(self.checkpoint_dir)
         if not self.checkpoint_dir.exists():
             return 0
@@ -109,6 +157,8 @@ class TokenizerCheckpointer:
         state = read_training_state(self.checkpoint_dir)
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state[name])
+        if reviver is not None and state.get("reviver") is not None:
+            reviver.load_state_dict(state["reviver"])
         log.info("resumed from %s at step %d", self.checkpoint_dir, state["step"])
         return int(state["step"])
 
@@ -175,7 +225,10 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
     }
     discriminator_lr_ratio = (config.discriminator_learning_rate or config.learning_rate) / config.learning_rate
     checkpointer = TokenizerCheckpointer(output_dir, config)
-    start_step = checkpointer.restore(vqgan, discriminator, optimizers)
+    reviver = None
+    if config.revive_dead_codes_every is not None and model_config.quantizer == "vq":
+        reviver = DeadCodeReviver(model_config.codebook_size, config.revive_dead_codes_every)
+    start_step = checkpointer.restore(vqgan, discriminator, optimizers, reviver)
     end_step = config.steps if config.stop_after_steps is None else min(config.steps, start_step + config.stop_after_steps)
 
     generator_model: nn.Module = vqgan
@@ -226,6 +279,11 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
             optimizers["discriminator"].step()
             metrics.update(d_metrics)
         metrics.update(perplexity=output.perplexity, codebook_usage=output.codebook_usage)
+        if reviver is not None:
+            reviver.observe(output.indices)
+            revived = reviver.maybe_revive(step, vqgan, images, config.seed, context)
+            if revived and context.is_main:
+                log.info("step %d: revived %d dead codes", step + 1, revived)
         for name, value in metrics.items():
             running[name] = running.get(name, 0.0) + value.detach().float()
         running_count += 1
@@ -242,7 +300,7 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
             log.info("reconstructions at step %d: %s", done, path)
         if done % config.checkpoint_every == 0 or done == end_step:
             if context.is_main:
-                checkpointer.save(done, vqgan, discriminator, optimizers)
+                checkpointer.save(done, vqgan, discriminator, optimizers, reviver)
             barrier(context)
     bar.close()
     metrics_logger.close()
