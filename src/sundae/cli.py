@@ -291,6 +291,23 @@ def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path
     _report(result, out, per_image_dir, time.perf_counter() - started)
 
 
+@main.command()
+@click.argument("model_dir", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback unless you ask).")
+@click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Also save every result here (server-made file names only).")
+@click.option("--device", default=None)
+@user_errors
+def serve(model_dir: str | None, host: str, port: int, output_dir: str | None, device: str | None) -> None:
+    """Run the local web app: generate with a live preview, paint masks, inpaint/refine/outpaint."""
+    try:
+        from sundae.app.server import serve as run_server
+    except ImportError as error:
+        raise ValueError(f"the web app needs its extra dependencies: pip install -e '.[app]' ({error})") from None
+    run_server(model_dir, host=host, port=port, output_dir=output_dir, device=device)
+
+
 # --- models, conversion, description ---------------------------------------------------------
 
 

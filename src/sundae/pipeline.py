@@ -266,13 +266,13 @@ class SundaePipeline:
 
     def _masked_sampling(self, tokens: Tensor, token_mask: Tensor, randomize: Tensor, seeds: Tensor, *,
                          class_labels, output_type: str, pixels: Tensor, pixel_mask: Tensor, paste_back: bool,
-                         options: dict[str, Any]) -> PipelineOutput:
+                         options: dict[str, Any], callback: Callable | None = None) -> PipelineOutput:
         """Sample with ``token_mask`` free and everything else pinned; optionally paste known pixels back."""
         num_images = seeds.shape[0]
         tokens = tokens.expand(num_images, -1, -1)
         output = sample(self.prior, options=SamplingOptions(**{**INPAINT_DEFAULTS, **options}), tokens=tokens,
                         randomize_mask=randomize.expand_as(tokens), keep_mask=~token_mask.expand_as(tokens),
-                        class_labels=self._labels(class_labels, num_images), seeds=seeds)
+                        class_labels=self._labels(class_labels, num_images), seeds=seeds, callback=callback)
         images = decode_tokens_to_images(output.tokens, self.tokenizer)
         if paste_back:
             images = torch.where(pixel_mask.to(images.device), images, pixels.to(images.device).expand_as(images))
@@ -286,16 +286,18 @@ class SundaePipeline:
 
     def inpaint(self, image: ImageInput, mask: ImageInput, *, num_images: int = 1, mask_rule: str = "any",
                 paste_back: bool = True, class_labels=None, seed: int | None = None,
-                generator: torch.Generator | None = None, output_type: str = "pil", **options: Any) -> PipelineOutput:
+                generator: torch.Generator | None = None, output_type: str = "pil", callback: Callable | None = None,
+                **options: Any) -> PipelineOutput:
         """Regenerate the masked region (True/white = regenerate) from noise; the rest is kept (§3.6)."""
         pixels, tokens, pixel_mask, token_mask = self._prepare_mask(image, mask, mask_rule)
         return self._masked_sampling(tokens, token_mask, token_mask, self._seeds(num_images, seed, generator),
                                      class_labels=class_labels, output_type=output_type, pixels=pixels,
-                                     pixel_mask=pixel_mask, paste_back=paste_back, options=options)
+                                     pixel_mask=pixel_mask, paste_back=paste_back, options=options, callback=callback)
 
     def refine(self, image: ImageInput, mask: ImageInput, *, strength: float = 0.5, num_images: int = 1,
                mask_rule: str = "any", paste_back: bool = True, class_labels=None, seed: int | None = None,
-               generator: torch.Generator | None = None, output_type: str = "pil", **options: Any) -> PipelineOutput:
+               generator: torch.Generator | None = None, output_type: str = "pil", callback: Callable | None = None,
+                **options: Any) -> PipelineOutput:
         """Re-sample a masked region starting from its current tokens (slide 22, "fixing a broken eye").
 
         ``strength`` in [0, 1] is the share of the masked tokens reset to noise before sampling
@@ -308,11 +310,12 @@ class SundaePipeline:
         reset = (uniform_noise(seeds, -2, 0, tuple(token_mask.shape)) < strength) & token_mask
         return self._masked_sampling(tokens, token_mask, reset, seeds, class_labels=class_labels,
                                      output_type=output_type, pixels=pixels, pixel_mask=pixel_mask,
-                                     paste_back=paste_back, options=options)
+                                     paste_back=paste_back, options=options, callback=callback)
 
     def outpaint(self, image: ImageInput, *, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
                  num_images: int = 1, class_labels=None, seed: int | None = None,
-                 generator: torch.Generator | None = None, output_type: str = "pil", **options: Any) -> PipelineOutput:
+                 generator: torch.Generator | None = None, output_type: str = "pil", callback: Callable | None = None,
+                **options: Any) -> PipelineOutput:
         """Extend the canvas by the given number of pixels on each side (multiples of f) and fill it."""
         pixels, known_tokens = self.encode(image)
         for name, value in (("left", left), ("top", top), ("right", right), ("bottom", bottom)):
@@ -331,4 +334,4 @@ class SundaePipeline:
         tokens[:, row:row + known_tokens.shape[1], column:column + known_tokens.shape[2]] = known_tokens
         return self._masked_sampling(tokens, token_mask, token_mask, self._seeds(num_images, seed, generator),
                                      class_labels=class_labels, output_type=output_type, pixels=canvas,
-                                     pixel_mask=pixel_mask, paste_back=True, options=options)
+                                     pixel_mask=pixel_mask, paste_back=True, options=options, callback=callback)

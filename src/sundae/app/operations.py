@@ -1,0 +1,196 @@
+"""What each web-app request does on the model thread (paper §3.4, §3.6; talk slides 9, 20-23).
+
+Generation streams previews of the denoising as it happens: the sampler's per-step callback decodes
+the current tokens, but only as often as keeps decoding under a quarter of the wall time (decoding
+a VQ-GAN batch on a CPU can cost more than a sampling step). Inpainting, refinement and outpainting
+draw several fills of one mask at once, each with its own seed. Results travel as PNG data URLs,
+and are also written to the output folder when the app has one, under names the server makes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+from sundae.app.validation import MAX_BATCH_PIXELS, MAX_IMAGE_SIDE, RequestError
+from sundae.app.worker import Job
+from sundae.pipeline import PipelineOutput, SundaePipeline, decode_tokens_to_images, to_pil
+from sundae.sampler import SamplingOptions
+
+SAMPLING_KEYS = ("steps", "temperature", "end_temperature", "proportion", "guidance_scale", "early_stop")
+RANDOM_SEED_BOUND = 2**31  # seeds the server draws stay short enough to copy by hand
+
+
+def png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class PreviewSchedule:
+    """Decides when a preview is worth decoding: at most ``share`` of the wall time goes to decoding,
+    and previews are at least ``min_interval`` seconds apart (a browser needs no more)."""
+
+    def __init__(self, *, share: float = 0.25, min_interval: float = 0.1) -> None:
+        self.share = share
+        self.min_interval = min_interval
+        self._next_at = 0.0  # the first step is always shown
+
+    def due(self) -> bool:
+        return time.perf_counter() >= self._next_at
+
+    def record(self, started: float) -> None:
+        finished = time.perf_counter()
+        cost = finished - started
+        self._next_at = finished + max(self.min_interval, cost * (1 - self.share) / self.share)
+
+
+# --- checks that need the model -------------------------------------------------------------
+
+
+def check_sampling(pipeline: SundaePipeline, request: dict[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
+    """Resolve the class and seed and check the options against the model; returns the request completed."""
+    label = request["class_label"]
+    if label is not None:
+        try:
+            label = pipeline.class_index(label)
+        except ValueError as error:
+            raise RequestError(str(error), field="class_label") from None
+    conditional = pipeline.prior.config.num_classes is not None
+    if request["guidance_scale"] != 1.0 and (not conditional or label is None):
+        raise RequestError("classifier-free guidance needs a class-conditional model and a class_label; "
+                           "set it to 1 or choose a class", field="guidance_scale")
+    pixels = request["num_images"] * image_size[0] * image_size[1]
+    if pixels > MAX_BATCH_PIXELS:
+        raise RequestError(f"{request['num_images']} images of {image_size[1]}x{image_size[0]} pixels exceed the "
+                           f"{MAX_BATCH_PIXELS}-pixel budget of one request; ask for fewer", field="num_images")
+    seed = request["seed"] if request["seed"] is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+    return {**request, "class_label": label, "seed": seed}
+
+
+def sampling_options(request: dict[str, Any]) -> dict[str, Any]:
+    return {key: request[key] for key in SAMPLING_KEYS}
+
+
+def check_image(pipeline: SundaePipeline, image: Image.Image, name: str = "image") -> None:
+    factor = pipeline.factor
+    if image.width % factor or image.height % factor:
+        raise RequestError(f"is {image.width}x{image.height} pixels; both sides must be multiples of the tokenizer "
+                           f"factor f={factor}", field=name)
+
+
+def mask_array(image: Image.Image, mask: Image.Image) -> np.ndarray:
+    """White (>= 128 grey) = regenerate; the mask must have the image's size and mark something."""
+    if mask.size != image.size:
+        raise RequestError(f"is {mask.width}x{mask.height} pixels but the image is {image.width}x{image.height}; "
+                           "paint the mask on the image itself", field="mask")
+    array = np.asarray(mask.convert("L")) >= 128
+    if not array.any():
+        raise RequestError("is empty; paint the region to regenerate", field="mask")
+    return array
+
+
+def outpainted_size(pipeline: SundaePipeline, image: Image.Image, request: dict[str, Any]) -> tuple[int, int]:
+    sides = {side: request[side] for side in ("left", "top", "right", "bottom")}
+    for side, value in sides.items():
+        if value % pipeline.factor:
+            raise RequestError(f"must be a multiple of the tokenizer factor f={pipeline.factor}, got {value}",
+                               field=side)
+    if not any(sides.values()):
+        raise RequestError("outpainting needs at least one of left/top/right/bottom > 0", field="left")
+    size = (image.height + sides["top"] + sides["bottom"], image.width + sides["left"] + sides["right"])
+    if max(size) > MAX_IMAGE_SIDE:
+        raise RequestError(f"the extended canvas would be {size[1]}x{size[0]} pixels; the largest side allowed is "
+                           f"{MAX_IMAGE_SIDE}", field="left")
+    return size
+
+
+# --- the work itself -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultFolder:
+    """Writes each job's images and settings under ``directory``, with names made from the job id only."""
+
+    directory: Path
+
+    def save(self, job: Job, images: list[Image.Image], record: dict[str, Any]) -> list[str]:
+        names = [f"{job.id}-{index:02d}.png" for index in range(len(images))]
+        for name, image in zip(names, images):
+            image.save(self.directory / name)
+        (self.directory / f"{job.id}.json").write_text(json.dumps({"kind": job.kind, "files": names, **record},
+                                                                  indent=2))
+        return names
+
+
+def _finish(job: Job, output: PipelineOutput, request: dict[str, Any], folder: ResultFolder | None) -> dict[str, Any]:
+    seeds = [request["seed"] + index for index in range(len(output.images))]
+    record = {"seeds": seeds, "steps_taken": output.steps_taken.tolist()}
+    settings = {key: value for key, value in request.items() if not isinstance(value, (Image.Image, np.ndarray))}
+    files = [] if folder is None else folder.save(job, output.images, {**record, "settings": settings})
+    return {"images": [png_data_url(image) for image in output.images], **record, "files": files}
+
+
+def generate(pipeline: SundaePipeline, request: dict[str, Any], job: Job,
+             folder: ResultFolder | None) -> dict[str, Any]:
+    """Sample ``num_images`` images, emitting ``preview`` events of the current tokens along the way."""
+    schedule = PreviewSchedule()
+
+    def preview(step: int, tokens: Tensor, finished: Tensor) -> None:
+        if not schedule.due():
+            return
+        started = time.perf_counter()
+        images = to_pil(decode_tokens_to_images(tokens, pipeline.tokenizer))
+        job.emit({"event": "preview", "step": step + 1, "finished": finished.tolist(),
+                  "images": [png_data_url(image) for image in images]})
+        schedule.record(started)
+
+    output = pipeline(request["num_images"], class_labels=request["class_label"], seed=request["seed"],
+                      callback=preview, **sampling_options(request))
+    return _finish(job, output, request, folder)
+
+
+def edit(pipeline: SundaePipeline, request: dict[str, Any], job: Job, folder: ResultFolder | None) -> dict[str, Any]:
+    """Inpaint, refine or outpaint (``job.kind``) ``request["image"]``: several fills side by side."""
+    common = {"num_images": request["num_images"], "class_labels": request["class_label"], "seed": request["seed"],
+              **sampling_options(request)}
+    image = request["image"]
+    if job.kind == "outpaint":
+        output = pipeline.outpaint(image, left=request["left"], top=request["top"], right=request["right"],
+                                   bottom=request["bottom"], **common)
+    elif job.kind == "refine":
+        output = pipeline.refine(image, request["mask"], strength=request["strength"], mask_rule=request["mask_rule"],
+                                 paste_back=request["paste_back"], **common)
+    else:
+        output = pipeline.inpaint(image, request["mask"], mask_rule=request["mask_rule"],
+                                  paste_back=request["paste_back"], **common)
+    return _finish(job, output, request, folder)
+
+
+def prepare(pipeline: SundaePipeline, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+    """All model-dependent checks of a validated request, done before it is queued (so they are 4xx errors)."""
+    if kind == "generate":
+        size = pipeline.image_size
+    else:
+        check_image(pipeline, request["image"])
+        size = (request["image"].height, request["image"].width)
+        if kind == "outpaint":
+            size = outpainted_size(pipeline, request["image"], request)
+        else:
+            request = {**request, "mask": mask_array(request["image"], request["mask"])}
+    request = check_sampling(pipeline, request, size)
+    try:
+        SamplingOptions(**sampling_options(request))
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+    return request

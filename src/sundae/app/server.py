@@ -1,0 +1,249 @@
+"""The local web app: generate and watch the denoising, paint a mask, inpaint / refine / outpaint.
+
+Fast sampling (paper §1, §3.4; talk slides 1, 9) makes interactive use possible: a user can watch
+a batch form from noise, mask a broken region and draw many fills of it (§3.6; slides 20-23).
+
+Stack. Starlette + uvicorn serve one static page written in plain JavaScript (``static/``: no CDN,
+no build step, nothing fetched at run time, so it works offline). They are two small, well-kept
+pure-Python packages without heavy dependencies, and the ASGI app object can be tested in-process
+with Starlette's TestClient. Gradio was the alternative: it also runs offline, but it is a large
+dependency, and its mask editor is hard to drive from a browser test; here the mask is a plain
+``<canvas>`` brush. Progress is streamed as JSON lines (``application/x-ndjson``) over one POST
+response rather than Server-Sent Events, because ``EventSource`` can only GET (the request carries
+images), and lines of JSON are read just as easily by ``fetch`` in the page and by httpx in tests.
+
+Behaviour. The server binds 127.0.0.1 unless told otherwise and then answers only requests
+addressed to that host (no DNS rebinding); requests must be JSON (so another web site cannot post
+to it without a CORS pre-flight it will not get). Every field is validated (HTTP 422 naming the
+field; a body over the limit is HTTP 413). One worker thread runs the model, so concurrent
+requests queue and never mix; a client that disconnects cancels its job. Results are written only
+into the output folder, under names the server makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from sundae.app import operations
+from sundae.app.validation import (MAX_BATCH_PIXELS, MAX_IMAGE_SIDE, MAX_IMAGES, MAX_STEPS, OPERATION_FIELDS,
+                                   RequestError, describe_fields, read_fields)
+from sundae.app.worker import Event, Job, ModelWorker
+from sundae.pipeline import SundaePipeline
+from sundae.tokenizer.pixels import PixelTokenizer
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY_BYTES = 10 * 2**20
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+# The page loads nothing but its own files; images are data: URLs.
+CONTENT_SECURITY_POLICY = "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'"
+
+
+def model_facts(pipeline: SundaePipeline) -> dict[str, Any]:
+    config = pipeline.prior.config
+    num_classes = config.num_classes
+    class_names = pipeline.class_names or (None if num_classes is None else [str(i) for i in range(num_classes)])
+    return {
+        "name": pipeline.name,
+        "tokenizer": "pixels" if isinstance(pipeline.tokenizer, PixelTokenizer) else "VQ-GAN",
+        "factor": pipeline.factor,
+        "codebook_size": pipeline.tokenizer.config.codebook_size,
+        "image_size": list(pipeline.image_size),
+        "channels": pipeline.channels,
+        "class_names": class_names,
+        "device": str(pipeline.device),
+    }
+
+
+def body_too_large(max_bytes: int) -> RequestError:
+    return RequestError(f"the request is larger than {max_bytes / 2**20:.3g} MB; upload a smaller image", status=413)
+
+
+async def read_json_body(request: Request, max_bytes: int) -> Any:
+    """The request's JSON, refusing bodies over ``max_bytes`` before (Content-Length) or while reading them."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise RequestError("send the request as JSON (Content-Type: application/json)", status=415)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise body_too_large(max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise body_too_large(max_bytes)
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(f"the request body is not valid JSON ({error})", status=400) from None
+
+
+def json_line(event: Event) -> bytes:
+    return (json.dumps(event, separators=(",", ":")) + "\n").encode()
+
+
+def stream_job(worker: ModelWorker, kind: str, run: Callable[[Job], dict[str, Any]]) -> StreamingResponse:
+    """Queue the job and stream its events; the job is cancelled when the stream ends early (disconnect)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event | None] = asyncio.Queue()
+
+    def emit(event: Event | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    job = Job(kind=kind, run=run, emit=emit)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:  # submitted here, so a response that never starts (client gone) queues nothing
+            yield json_line({"event": "queued", "job": job.id, "ahead": worker.submit(job)})
+            while (event := await events.get()) is not None:
+                yield json_line(event)
+        finally:
+            job.cancel()  # a no-op once the job has finished
+
+    return StreamingResponse(body(), media_type="application/x-ndjson",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def operation_endpoint(kind: str, max_body_bytes: int) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        state = request.app.state
+        body = await read_json_body(request, max_body_bytes)
+        # decoding images takes a while; a thread keeps the event loop streaming other clients' previews
+        values = await run_in_threadpool(read_fields, body, OPERATION_FIELDS[kind])
+        prepared = await run_in_threadpool(operations.prepare, state.pipeline, kind, values)
+        work = operations.generate if kind == "generate" else operations.edit
+        return stream_job(state.worker, kind, partial(work, state.pipeline, prepared, folder=state.folder))
+
+    return endpoint
+
+
+async def info(request: Request) -> JSONResponse:
+    state = request.app.state
+    return JSONResponse({
+        "model": model_facts(state.pipeline),
+        "limits": {"max_body_bytes": state.max_body_bytes, "max_image_side": MAX_IMAGE_SIDE,
+                   "max_images": MAX_IMAGES, "max_steps": MAX_STEPS, "max_batch_pixels": MAX_BATCH_PIXELS},
+        "operations": {kind: describe_fields(fields) for kind, fields in OPERATION_FIELDS.items()},
+        "saving": state.folder is not None,
+        "unfinished_jobs": state.worker.unfinished,
+    })
+
+
+async def index(_: Request) -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+
+
+async def request_error(_: Request, error: RequestError) -> JSONResponse:
+    return JSONResponse({"error": str(error), "field": error.field}, status_code=error.status)
+
+
+def create_app(pipeline: SundaePipeline, *, output_dir: str | os.PathLike | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> Starlette:
+    """The ASGI app over ``pipeline``; results are also saved in ``output_dir`` when it is given.
+
+    ``allowed_hosts`` are the Host header values answered (``["*"]``: any).
+    """
+    folder = None
+    if output_dir is not None:
+        directory = Path(output_dir).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        folder = operations.ResultFolder(directory)
+    worker = ModelWorker(pipeline.prior)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        worker.shutdown()
+
+    routes = [Route("/", index), Route("/api/info", info),
+              *(Route(f"/api/{kind}", operation_endpoint(kind, max_body_bytes), methods=["POST"])
+                for kind in OPERATION_FIELDS),
+              Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RequestError: request_error},
+                    middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))])
+    app.state.pipeline, app.state.worker, app.state.folder = pipeline, worker, folder
+    app.state.max_body_bytes = max_body_bytes
+    return app
+
+
+def allowed_hosts_for(host: str) -> list[str]:
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]  # reachable under any name of this machine
+    return list(dict.fromkeys([*LOOPBACK_HOSTS, host]))
+
+
+def load_pipeline(model_dir: str | os.PathLike | None, device: str | None = None) -> SundaePipeline:
+    """The model in ``model_dir``, or the shipped default model."""
+    from sundae.cli import DEFAULT_MODEL  # the CLI imports this module lazily, so no import cycle
+
+    directory = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist; give a SundaePipeline directory")
+    return SundaePipeline.from_pretrained(directory, device=device)
+
+
+def serve(model_dir: str | os.PathLike | None = None, *, host: str = "127.0.0.1", port: int = 7860,
+          output_dir: str | os.PathLike | None = None, device: str | None = None) -> None:
+    """Run the web app until interrupted (CUDA when available). Binds loopback unless ``host`` says otherwise."""
+    import uvicorn
+
+    pipeline = load_pipeline(model_dir, device)
+    app = create_app(pipeline, output_dir=output_dir, allowed_hosts=allowed_hosts_for(host))
+    if host not in LOOPBACK_HOSTS:
+        logger.warning("serving on %s: anyone who can reach this address can use the model (there is no login)", host)
+    logger.info("sundae app for model %s on %s: http://%s:%d", pipeline.name, pipeline.device,
+                "127.0.0.1" if host in ("0.0.0.0", "") else host, port)
+    # streams still open two seconds after Ctrl-C are closed, which cancels their jobs
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+
+
+class BackgroundServer:
+    """Serve an app on a daemon thread (tests, notebooks): ``with BackgroundServer(app) as server: server.url``.
+
+    ``port=0`` takes a free port; the socket is bound before the thread starts, so there is no race.
+    """
+
+    def __init__(self, app: Starlette, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self._socket = socket.create_server((host, port))
+        bound_host, bound_port = self._socket.getsockname()[:2]
+        self.url = f"http://{bound_host}:{bound_port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                     timeout_graceful_shutdown=2))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread.start()
+        for _ in range(500):
+            if self._server.started or not self._thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        if not self._server.started:
+            raise RuntimeError(f"the app did not start on {self.url}")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._socket.close()

@@ -1,0 +1,370 @@
+// The sundae web app's page: forms built from the server's field tables (/api/info), a canvas
+// mask brush, and job streams read as JSON lines (one event per line) from POST responses.
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const state = { info: null, editor: null };
+
+// --- forms built from the server's field tables -------------------------------------------------
+
+function makeInput(field, classNames) {
+  if (field.type === "boolean") {
+    const input = document.createElement("input");
+    input.type = "checkbox";
+    input.checked = field.default;
+    return input;
+  }
+  if (field.type === "choice" || field.type === "class") {
+    const select = document.createElement("select");
+    const options = field.type === "choice"
+      ? field.choices.map((choice) => [choice, choice])
+      : [["", "(none: null class)"], ...classNames.map((name, index) => [String(index), name])];
+    for (const [value, text] of options) select.add(new Option(text, value, false, value === field.default));
+    return select;
+  }
+  const input = document.createElement("input");
+  input.type = "number";
+  input.step = field.type === "integer" ? "1" : String(field.step);
+  input.min = String(field.minimum);
+  input.max = String(field.maximum);
+  if (field.default !== null) input.value = String(field.default);
+  if (field.nullable) input.placeholder = "random";
+  return input;
+}
+
+// Rebuilds a form's inputs, keeping the values the user already typed into same-named fields.
+function buildFields(container, fields) {
+  const previous = new Map([...container.querySelectorAll("[name]")].map((input) => [input.name, input]));
+  const classNames = state.info.model.class_names;
+  container.replaceChildren();
+  for (const field of fields) {
+    if (field.type === "image" || (field.type === "class" && classNames === null)) continue;
+    const input = makeInput(field, classNames || []);
+    input.name = field.name;
+    input.dataset.type = field.type;
+    const old = previous.get(field.name);
+    if (old && old.dataset.type === field.type) {
+      if (field.type === "boolean") input.checked = old.checked; else input.value = old.value;
+    }
+    const label = document.createElement("label");
+    label.className = field.type === "boolean" ? "check" : "";
+    if (field.type === "boolean") label.append(input, " ", field.label);
+    else label.append(field.label, input);
+    container.append(label);
+  }
+}
+
+// Sends what the user typed; the server validates and names any field it refuses.
+function readFields(container) {
+  const values = {};
+  for (const input of container.querySelectorAll("[name]")) {
+    const type = input.dataset.type;
+    if (type === "boolean") values[input.name] = input.checked;
+    else if (type === "choice") values[input.name] = input.value;
+    else if (type === "class") values[input.name] = input.value === "" ? null : Number(input.value);
+    else if (input.value === "" && input.placeholder) values[input.name] = null;
+    else values[input.name] = input.value === "" ? null : Number(input.value);
+  }
+  return values;
+}
+
+// --- job streams ------------------------------------------------------------------------------
+
+async function streamJob(path, payload, onEvent, signal) {
+  const body = JSON.stringify(payload);
+  const limit = state.info.limits.max_body_bytes;
+  if (body.length > limit) {  // refused here, since a browser may not read the server's early 413
+    throw new Error(`the request is ${(body.length / 2 ** 20).toFixed(1)} MB, over the server's `
+      + `${(limit / 2 ** 20).toFixed(0)} MB limit; use a smaller image`);
+  }
+  const response = await fetch(path, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body, signal,
+  });
+  if (!response.ok) {
+    const problem = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
+    throw new Error(problem.error);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let newline;
+    while ((newline = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, newline);
+      buffer = buffer.slice(newline + 1);
+      if (line) onEvent(JSON.parse(line));
+    }
+  }
+}
+
+// Runs one job for a panel: buttons, status line, Stop (aborting the fetch cancels the job server-side).
+async function runPanel(panel, path, payload, onEvent) {
+  const run = $(`#${panel}-button`), stop = $(`#${panel}-stop`), status = $(`#${panel}-status`);
+  const controller = new AbortController();
+  const started = performance.now();
+  run.disabled = true;
+  stop.disabled = false;
+  stop.onclick = () => controller.abort();
+  status.className = "status";
+  status.textContent = "sending…";
+  try {
+    await streamJob(path, payload, (event) => {
+      if (event.event === "queued") {
+        status.textContent = event.ahead ? `queued behind ${event.ahead} job(s)…` : "starting…";
+      }
+      else if (event.event === "started") status.textContent = "sampling…";
+      else if (event.event === "preview") status.textContent = `sampling… step ${event.step}`;
+      else if (event.event === "cancelled") status.textContent = "stopped";
+      else if (event.event === "error") showError(status, event.message);
+      else if (event.event === "done") {
+        const total = ((performance.now() - started) / 1000).toFixed(2);
+        status.textContent = `done: ${event.images.length} image(s) in ${event.seconds.toFixed(2)} s of sampling `
+          + `(${total} s in all); steps taken ${event.steps_taken.join(", ")}`
+          + (event.files.length ? `; saved as ${event.files[0]}…` : "");
+      }
+      onEvent(event);
+    }, controller.signal);
+  } catch (error) {
+    if (error.name === "AbortError") status.textContent = "stopped";
+    else showError(status, error.message);
+  } finally {
+    run.disabled = false;
+    stop.disabled = true;
+  }
+}
+
+function showError(status, message) {
+  status.className = "status error";
+  status.textContent = `error: ${message}`;
+}
+
+// --- galleries ----------------------------------------------------------------------------------
+
+function showImages(gallery, images, captions, name) {
+  if (gallery.children.length !== images.length) {
+    gallery.replaceChildren(...images.map(() => {
+      const figure = document.createElement("figure");
+      figure.append(document.createElement("img"), document.createElement("figcaption"));
+      return figure;
+    }));
+  }
+  images.forEach((url, index) => {
+    const figure = gallery.children[index];
+    figure.querySelector("img").src = url;
+    figure.querySelector("figcaption").textContent = captions[index];
+    figure.querySelector(".result-actions")?.remove();
+    if (name === null) return;
+    const actions = document.createElement("div");
+    actions.className = "result-actions";
+    const use = document.createElement("button");
+    use.type = "button";
+    use.className = "use";
+    use.textContent = "Edit";
+    use.onclick = () => setSource(url, false);
+    const download = document.createElement("a");
+    download.href = url;
+    download.download = `${name}-${index}.png`;
+    download.textContent = "Download PNG";
+    actions.append(use, download);
+    figure.append(actions);
+  });
+}
+
+function finalCaptions(event) {
+  return event.seeds.map((seed, index) => `seed ${seed} · stopped at step ${event.steps_taken[index]}`);
+}
+
+// --- generate -----------------------------------------------------------------------------------
+
+$("#generate-form").addEventListener("submit", (submitted) => {
+  submitted.preventDefault();
+  const gallery = $("#generate-results");
+  runPanel("generate", "/api/generate", readFields($("#generate-fields")), (event) => {
+    if (event.event === "preview") {
+      showImages(gallery, event.images,
+        event.finished.map((done) => (done ? "stopped" : `step ${event.step}`)), null);
+    } else if (event.event === "done") {
+      showImages(gallery, event.images, finalCaptions(event), `sundae-${event.job}`);
+    }
+  });
+});
+
+// --- the editor: source image and mask brush ------------------------------------------------------
+
+function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error("the browser cannot read this image"));
+    image.src = url;
+  });
+}
+
+// Uploads are centre-cropped and resized to the model's resolution; app results are used as they are.
+async function setSource(url, fitToModel) {
+  const image = await loadImage(url);
+  const [modelHeight, modelWidth] = state.info.model.image_size;
+  const width = fitToModel ? modelWidth : image.naturalWidth;
+  const height = fitToModel ? modelHeight : image.naturalHeight;
+  const canvas = $("#image-canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d");
+  context.imageSmoothingEnabled = true;
+  if (fitToModel) {
+    const scale = Math.max(width / image.naturalWidth, height / image.naturalHeight);
+    const cropWidth = width / scale, cropHeight = height / scale;
+    context.drawImage(image, (image.naturalWidth - cropWidth) / 2, (image.naturalHeight - cropHeight) / 2,
+      cropWidth, cropHeight, 0, 0, width, height);
+  } else {
+    context.drawImage(image, 0, 0);
+  }
+  const mask = $("#mask-canvas");
+  mask.width = width;
+  mask.height = height;
+  state.editor = { width, height, source: canvas.toDataURL("image/png"), mask: new Uint8Array(width * height) };
+  const displayScale = Math.max(1, Math.floor(384 / Math.max(width, height)));
+  $("#canvas-stack").style.setProperty("--display-width", `${Math.min(512, width * displayScale)}px`);
+  $("#canvas-stack").style.setProperty("--aspect", `${width} / ${height}`);
+  const brush = $("#brush-size");
+  brush.max = String(Math.max(2, Math.round(Math.max(width, height) / 3)));
+  brush.value = String(Math.max(1, Math.round(Math.max(width, height) / 8)));
+  $("#brush-size-value").textContent = brush.value;
+  drawMask();
+}
+
+function blankSource() {
+  const [height, width] = state.info.model.image_size;
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#808080";
+  context.fillRect(0, 0, width, height);
+  return canvas.toDataURL("image/png");
+}
+
+function drawMask() {
+  const { width, height, mask } = state.editor;
+  const pixels = new ImageData(width, height);
+  mask.forEach((masked, index) => {
+    if (masked) pixels.data.set([255, 40, 90, 150], index * 4);
+  });
+  $("#mask-canvas").getContext("2d").putImageData(pixels, 0, 0);
+}
+
+// Sets every pixel whose centre lies within the brush disc; crisp, so the overlay is exactly the mask.
+function stamp(x, y, value) {
+  const { width, height, mask } = state.editor;
+  const radius = Number($("#brush-size").value) / 2;
+  for (let row = Math.max(0, Math.floor(y - radius)); row < Math.min(height, Math.ceil(y + radius)); row++) {
+    for (let column = Math.max(0, Math.floor(x - radius)); column < Math.min(width, Math.ceil(x + radius)); column++) {
+      if ((column + 0.5 - x) ** 2 + (row + 0.5 - y) ** 2 <= radius * radius) mask[row * width + column] = value;
+    }
+  }
+}
+
+function stroke(from, to, value) {
+  const spacing = Math.max(0.5, Number($("#brush-size").value) / 4);
+  const count = Math.max(1, Math.ceil(Math.hypot(to.x - from.x, to.y - from.y) / spacing));
+  for (let index = 0; index <= count; index++) {
+    stamp(from.x + ((to.x - from.x) * index) / count, from.y + ((to.y - from.y) * index) / count, value);
+  }
+  drawMask();
+}
+
+function canvasPoint(event) {
+  const canvas = $("#mask-canvas");
+  const rect = canvas.getBoundingClientRect();
+  return { x: ((event.clientX - rect.left) * canvas.width) / rect.width,
+           y: ((event.clientY - rect.top) * canvas.height) / rect.height };
+}
+
+function setUpBrush() {
+  const canvas = $("#mask-canvas");
+  let last = null;
+  const value = () => (document.querySelector("input[name=tool]:checked").value === "paint" ? 1 : 0);
+  canvas.addEventListener("pointerdown", (event) => {
+    canvas.setPointerCapture(event.pointerId);
+    last = canvasPoint(event);
+    stroke(last, last, value());
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (last === null) return;
+    const point = canvasPoint(event);
+    stroke(last, point, value());
+    last = point;
+  });
+  const end = () => { last = null; };
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", end);
+  $("#brush-size").addEventListener("input", () => { $("#brush-size-value").textContent = $("#brush-size").value; });
+  $("#mask-clear").onclick = () => { state.editor.mask.fill(0); drawMask(); };
+  $("#mask-invert").onclick = () => { state.editor.mask.forEach((m, i, mask) => { mask[i] = 1 - m; }); drawMask(); };
+  $("#upload").addEventListener("change", () => {
+    const file = $("#upload").files[0];
+    if (!file) return;
+    const reader = new FileReader();
+    reader.onload = () => setSource(reader.result, true).catch((error) => showError($("#edit-status"), error.message));
+    reader.readAsDataURL(file);
+  });
+}
+
+// White where the user painted: the mask the server expects, at the image's size.
+function maskDataUrl() {
+  const { width, height, mask } = state.editor;
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const pixels = new ImageData(width, height);
+  mask.forEach((masked, index) => {
+    const grey = masked ? 255 : 0;
+    pixels.data.set([grey, grey, grey, 255], index * 4);
+  });
+  canvas.getContext("2d").putImageData(pixels, 0, 0);
+  return canvas.toDataURL("image/png");
+}
+
+// --- edit ---------------------------------------------------------------------------------------
+
+function buildEditFields() {
+  buildFields($("#edit-fields"), state.info.operations[$("#edit-mode").value]);
+  const step = String(state.info.model.factor);
+  for (const side of ["left", "top", "right", "bottom"]) {
+    const input = $(`#edit-fields [name=${side}]`);
+    if (input) input.step = step;
+  }
+}
+
+$("#edit-form").addEventListener("submit", (submitted) => {
+  submitted.preventDefault();
+  const mode = $("#edit-mode").value;
+  const payload = { ...readFields($("#edit-fields")), image: state.editor.source };
+  if (mode !== "outpaint") payload.mask = maskDataUrl();
+  runPanel("edit", `/api/${mode}`, payload, (event) => {
+    if (event.event !== "done") return;
+    showImages($("#edit-results"), event.images, finalCaptions(event), `sundae-${event.job}`);
+  });
+});
+
+// --- start --------------------------------------------------------------------------------------
+
+async function start() {
+  const response = await fetch("/api/info");
+  state.info = await response.json();
+  const model = state.info.model;
+  const [height, width] = model.image_size;
+  $("#model-info").textContent = `${model.name} · tokenizer ${model.tokenizer} (f=${model.factor}, `
+    + `codebook ${model.codebook_size}) · ${width}×${height} px · `
+    + `${model.class_names ? `${model.class_names.length} classes` : "unconditional"} · ${model.device}`;
+  buildFields($("#generate-fields"), state.info.operations.generate);
+  buildEditFields();
+  $("#edit-mode").addEventListener("change", buildEditFields);
+  setUpBrush();
+  await setSource(blankSource(), false);
+  document.body.dataset.ready = "true";
+}
+
+start().catch((error) => showError($("#generate-status"), `cannot reach the server (${error.message})`));

@@ -1,0 +1,126 @@
+"""One model, one thread: the web app's job queue.
+
+A pipeline must not run two batches at once (its modules are shared, and on a GPU two batches would
+compete for memory), so every request becomes a :class:`Job` that a single worker thread runs in
+arrival order; each job has its own seeds and its own event channel, so results never mix.
+
+A job is cancelled by setting its flag (the server does so when the client disconnects). The
+worker checks the flag before every forward pass of the prior, through a forward pre-hook that
+exists only while the job runs, so sampling stops within one step whatever the operation
+(generation, inpainting, refinement, outpainting) and a queued job that was cancelled never starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+# Errors that mean "this request cannot be done" (ValueError and ConfigError), shown as they are.
+REQUEST_ERRORS = (ValueError,)
+
+
+class JobCancelled(Exception):
+    """Raised inside a running job once its client has gone; unwinds the sampling loop."""
+
+
+def new_job_id(kind: str) -> str:
+    """Server-made, so it is safe in file names: ``20250101-120000-generate-1a2b3c4d``."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class Job:
+    """One request's work: ``run(job)`` returns the final event's fields; ``emit`` sends events to its client."""
+
+    kind: str
+    run: Callable[["Job"], dict[str, Any]]
+    emit: Callable[[Event | None], None]  # None closes the client's stream
+    id: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.id = self.id or new_job_id(self.kind)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled(self.id)
+
+
+class ModelWorker:
+    """Runs jobs one at a time on one thread, checking each job's cancel flag before every forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sundae-model")
+        self._lock = threading.Lock()
+        self._unfinished = 0
+        self._running: Job | None = None
+
+    @property
+    def unfinished(self) -> int:
+        """Jobs queued or running."""
+        with self._lock:
+            return self._unfinished
+
+    def submit(self, job: Job) -> int:
+        """Queue ``job``; returns how many jobs are ahead of it."""
+        with self._lock:
+            ahead = self._unfinished
+            self._unfinished += 1
+        future: Future = self._executor.submit(self._run, job)
+        future.add_done_callback(self._finished)
+        return ahead
+
+    def shutdown(self) -> None:
+        """Drop queued jobs and stop the running one at its next forward pass."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        running = self._running
+        if running is not None:
+            running.cancel()
+
+    def _finished(self, _: Future) -> None:
+        with self._lock:
+            self._unfinished -= 1
+
+    def _run(self, job: Job) -> None:
+        self._running = job
+        try:
+            job.emit(self._outcome(job))
+        finally:
+            self._running = None
+            job.emit(None)
+
+    def _outcome(self, job: Job) -> Event:
+        if job.cancelled.is_set():
+            return {"event": "cancelled"}
+        started = time.perf_counter()
+        job.emit({"event": "started", "queued_seconds": round(started - job.submitted_at, 3)})
+        handle = self.model.register_forward_pre_hook(lambda *_: job.raise_if_cancelled())
+        try:
+            result = job.run(job)
+        except JobCancelled:
+            logger.info("job %s cancelled after %.2fs", job.id, time.perf_counter() - started)
+            return {"event": "cancelled"}
+        except REQUEST_ERRORS as error:
+            return {"event": "error", "message": str(error)}
+        except Exception as error:  # the stream must still end cleanly; the traceback goes to the log
+            logger.exception("job %s failed", job.id)
+            message = f"internal error ({type(error).__name__}: {error}); see the server log"
+            return {"event": "error", "message": message}
+        finally:
+            handle.remove()
+        return {"event": "done", "job": job.id, "seconds": round(time.perf_counter() - started, 3), **result}

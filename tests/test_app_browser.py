@@ -1,0 +1,128 @@
+"""The web app end to end in a real headless browser (Debian's Chromium driven by Playwright): generate,
+watch the result arrive, load it into the editor, paint a mask by dragging the mouse, inpaint several
+fills, see a refused field's message, and stop a long run.
+
+Needs ``scripts/install_browser.sh`` (CI runs it); without Chromium or Playwright this test fails
+with that instruction rather than skipping. A screenshot is left at ``tests/artifacts/app.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sundae.app import BackgroundServer, create_app
+from sundae.pipeline import SundaePipeline
+from test_app_server import build_tiny_pipeline_dir
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = Path(__file__).parent / "artifacts" / "app.png"
+INSTALL_HINT = "run `bash scripts/install_browser.sh` (Debian's chromium + the playwright Python package)"
+
+# Pixels of an <img> or <canvas>, as grey levels (the tiny model's images are grey).
+READ_PIXELS = """(element) => {
+    const canvas = document.createElement("canvas");
+    canvas.width = element.naturalWidth || element.width;
+    canvas.height = element.naturalHeight || element.height;
+    const context = canvas.getContext("2d");
+    context.drawImage(element, 0, 0);
+    const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    return {width: canvas.width, grey: Array.from(data.filter((_, index) => index % 4 === 0))};
+}"""
+
+
+def pixels(handle) -> np.ndarray:
+    result = handle.evaluate(READ_PIXELS)
+    return np.array(result["grey"], dtype=np.uint8).reshape(-1, result["width"])
+
+
+def launch_chromium(playwright):
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: {INSTALL_HINT}")
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    pipeline = SundaePipeline.from_pretrained(build_tiny_pipeline_dir(root / "model"), device="cpu")
+    app = create_app(pipeline, output_dir=root / "outputs")
+    with BackgroundServer(app) as server:
+        yield server.url, app
+
+
+def fill_fields(page, form: str, values: dict[str, str]) -> None:
+    for name, value in values.items():
+        page.fill(f"#{form}-fields [name={name}]", value)
+
+
+def test_generate_paint_a_mask_and_inpaint_in_a_browser(app_url):
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail(f"playwright is not installed: {INSTALL_HINT}")
+    url, app = app_url
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]", timeout=10_000)
+            expect(page.locator("#model-info")).to_contain_text("tokenizer pixels (f=1, codebook 256) · 8×8 px")
+
+            # a refused field is reported by name
+            fill_fields(page, "generate", {"steps": "0"})
+            page.click("#generate-button")
+            expect(page.locator("#generate-status")).to_contain_text("error: steps: must be in [1, 1000]")
+
+            # generate: the final images and their stop steps arrive
+            fill_fields(page, "generate", {"num_images": "2", "steps": "12", "seed": "5"})
+            page.click("#generate-button")
+            expect(page.locator("#generate-status")).to_contain_text("done: 2 image(s)", timeout=20_000)
+            results = page.locator("#generate-results img")
+            expect(results).to_have_count(2)
+            expect(page.locator("#generate-results figcaption").first).to_contain_text("seed 5 · stopped at step")
+            assert results.first.get_attribute("src").startswith("data:image/png;base64,")
+            download = page.locator("#generate-results a[download]").first
+            assert download.get_attribute("download").endswith("-0.png")
+
+            # load the first result into the editor, and paint a mask by dragging across the canvas
+            blank = page.evaluate("state.editor.source")
+            page.click("#generate-results figure:first-child button.use")
+            page.wait_for_function("(blank) => state.editor.source !== blank", arg=blank)
+            source = pixels(results.first)
+            assert np.array_equal(pixels(page.locator("#image-canvas")), source)
+            box = page.locator("#mask-canvas").bounding_box()
+            page.mouse.move(box["x"] + 0.25 * box["width"], box["y"] + 0.3 * box["height"])
+            page.mouse.down()
+            page.mouse.move(box["x"] + 0.75 * box["width"], box["y"] + 0.6 * box["height"], steps=6)
+            page.mouse.up()
+            mask = np.array(page.evaluate("Array.from(state.editor.mask)"), dtype=bool).reshape(8, 8)
+            assert 4 <= mask.sum() < 64, f"the drag painted {mask.sum()} of 64 pixels"
+
+            # inpaint three fills: they keep every unpainted pixel and differ inside the mask
+            fill_fields(page, "edit", {"num_images": "3", "steps": "12", "seed": "1"})
+            page.click("#edit-button")
+            expect(page.locator("#edit-status")).to_contain_text("done: 3 image(s)", timeout=20_000)
+            fills = [pixels(handle) for handle in page.locator("#edit-results img").element_handles()]
+            assert len(fills) == 3
+            for fill in fills:
+                assert np.array_equal(fill[~mask], source[~mask])
+            assert len({fill[mask].tobytes() for fill in fills}) == 3
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # Stop aborts the stream, which cancels the job on the server
+            fill_fields(page, "generate", {"steps": "1000"})
+            page.uncheck("#generate-fields [name=early_stop]")
+            page.click("#generate-button")
+            expect(page.locator("#generate-status")).to_contain_text("sampling… step", timeout=20_000)
+            page.click("#generate-stop")
+            expect(page.locator("#generate-status")).to_have_text("stopped")
+            page.wait_for_function("async () => (await (await fetch('/api/info')).json()).unfinished_jobs === 0",
+                                   timeout=10_000)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 1000
