@@ -442,11 +442,13 @@ def train_tokenizer_command(images: str, output_dir: str, preset_name: str, reso
 @user_errors
 def reconstruct(tokenizer_dir: str, images: str, out: Path | None, limit: int, batch_size: int,
                 device: str | None) -> None:
-    """Measure a tokenizer's reconstructions (L1, PSNR, codebook use) on an image folder."""
+    """Measure a tokenizer's reconstructions on an image folder: L1 and PSNR (pixels in [0, 1]), and
+    the perplexity and used share of the codebook over all the images' tokens."""
     import torch
 
     from sundae.data.images import ImageFolder
     from sundae.tokenizer import VQGAN
+    from sundae.tokenizer.vqgan import codebook_statistics
     from sundae.training.tokenizer import reconstruction_metrics, save_reconstruction_grid
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -455,11 +457,16 @@ def reconstruct(tokenizer_dir: str, images: str, out: Path | None, limit: int, b
     count = min(limit, len(folder))
     step = max(1, len(folder) // count)  # an even spread over the (class-sorted) folder
     indices = list(range(0, step * count, step))
-    totals: dict[str, float] = {}
+    totals: dict[str, float] = {"l1": 0.0, "psnr": 0.0}
+    codes = []
     for start in range(0, count, batch_size):
         batch = torch.stack([folder[i][0] for i in indices[start:start + batch_size]]).to(device)
-        for name, value in reconstruction_metrics(tokenizer, batch).items():
-            totals[name] = totals.get(name, 0.0) + value * len(batch) / count
+        measured = reconstruction_metrics(tokenizer, batch)
+        for name in totals:
+            totals[name] += measured[name] * len(batch) / count
+        codes.append(tokenizer.encode(batch).cpu())
+    perplexity, usage = codebook_statistics(torch.cat(codes), tokenizer.config.codebook_size)
+    totals.update(perplexity=perplexity.item(), codebook_usage=usage.item())
     click.echo(json.dumps({"tokenizer": tokenizer_dir, "images": count, **{k: round(v, 4) for k, v in totals.items()}}))
     if out is not None:
         sample_images = torch.stack([folder[i][0] for i in indices[:: max(1, count // 16)][:16]]).to(device)
