@@ -15,8 +15,8 @@ for split in ('train', 'validation'):
     export_image_folder('data/fashion-mnist.npz', f'data/fashion-mnist/{split}', split=split)"
 
 # 2. tokenizer: 28x28 -> 7x7 tokens of 512 codes (L1 + patch-GAN; perceptual off to fit a CPU budget)
-sundae train-tokenizer data/fashion-mnist/train -o "$run/tokenizer-run" --preset fashion-mnist-f4 --steps 2500 \
-  --batch-size 32 --lr 2e-4 --discriminator-start 1500 --perceptual none --log-every 50 --image-every 500 \
+sundae train-tokenizer data/fashion-mnist/train -o "$run/tokenizer-run" --preset fashion-mnist-f4 --steps 2000 \
+  --batch-size 32 --lr 2e-4 --discriminator-start 1300 --perceptual none --log-every 50 --image-every 500 \
   --checkpoint-every 250
 sundae reconstruct "$run/tokenizer-run/tokenizer" data/fashion-mnist/validation --limit 2000 \
   --out "$run/reconstructions.png" | tee "$run/reconstruction.json"

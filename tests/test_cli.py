@@ -81,3 +81,28 @@ def test_bad_input_gives_exit_code_2_and_one_line(args, message, tiny_pipeline_d
     error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], result.output
     assert "Traceback" not in result.output
+
+
+def test_evaluate_and_sweep_write_reports(tiny_pipeline_dir, tmp_path):
+    from sundae.eval.classifier import ClassifierConfig, SmallClassifier
+
+    classifier = tmp_path / "classifier"
+    SmallClassifier(ClassifierConfig(image_size=16, width=4, feature_dim=6)).save_pretrained(classifier)
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(real / f"{index}.png")
+    out = tmp_path / "report.json"
+    result = run("evaluate", tiny_pipeline_dir, "--real", real, "--extractor-path", classifier, "--num-samples", 10,
+                 "--steps", 2, "--nearest-k", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["num_fake"] == 10 and report["num_real"] == 12
+    assert report["extractor"].startswith("classifier:") and report["sampling_options"]["steps"] == 2
+    assert {"fid", "density", "coverage", "precision", "recall"} <= set(report["metrics"])
+    result = run("sweep", tiny_pipeline_dir, "--real", real, "--extractor-path", classifier, "--num-samples", 8,
+                 "--parameter", "steps", "--values", "1,2", "--nearest-k", 2, "--out-dir", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sweep" / "sweep.png").is_file()
+    assert len((tmp_path / "sweep" / "sweep.csv").read_text().splitlines()) == 3

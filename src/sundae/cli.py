@@ -308,6 +308,106 @@ def serve(model_dir: str | None, host: str, port: int, output_dir: str | None, d
     run_server(model_dir, host=host, port=port, output_dir=output_dir, device=device)
 
 
+# --- evaluation ------------------------------------------------------------------------------
+
+DEFAULT_CLASSIFIER = Path(__file__).parent / "assets" / "fashion-mnist-classifier"
+
+
+def evaluation_options(function: Callable) -> Callable:
+    for option in reversed([
+        click.option("--real", required=True, type=click.Path(exists=True),
+                     help="Real images: a folder or an .npz with an 'images' uint8 array."),
+        click.option("--extractor", type=click.Choice(["classifier", "inception"]), default="classifier",
+                     show_default=True, help="Feature network; named in the report so numbers are never mixed."),
+        click.option("--extractor-path", default=None,
+                     help="Classifier folder (default: the shipped Fashion-MNIST one) or Inception TorchScript file."),
+        click.option("--num-samples", type=int, default=1000, show_default=True),
+        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--nearest-k", type=int, default=5, show_default=True, help="k of density/coverage."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Cache of real-image features (keyed by extractor and dataset hash)."),
+    ]):
+        function = option(function)
+    return function
+
+
+def build_extractor(kind: str, path: str | None, batch_size: int, device: str | None):
+    from sundae.eval.features import make_extractor
+
+    if kind == "classifier" and path is None:
+        path = str(DEFAULT_CLASSIFIER)
+    return make_extractor(kind, path, batch_size=batch_size, device=device)
+
+
+@main.command()
+@click.argument("model_dir", required=False)
+@evaluation_options
+@click.option("--fake", type=click.Path(exists=True), default=None,
+              help="Score these generated images (folder or .npz) instead of sampling from a model.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("evaluation.json"),
+              show_default=True, help="JSON report.")
+@sampling_options({"steps": 50})
+@user_errors
+def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: str | None, num_samples: int,
+             batch_size: int, nearest_k: int, cache_dir: str | None, fake: str | None, out: Path, seed: int,
+             device: str | None, **kwargs: Any) -> None:
+    """FID, FID-infinity, precision/recall, density/coverage of a model's samples (or of --fake images)."""
+    from sundae.eval.evaluate import evaluate as evaluate_model
+    from sundae.eval.evaluate import evaluate_images, pipeline_identity
+
+    options = split_sampling_kwargs(kwargs)
+    features = build_extractor(extractor, extractor_path, batch_size, device)
+    if fake is not None:
+        report = evaluate_images(fake, real, features, batch_size=batch_size, nearest_k=nearest_k, cache_dir=cache_dir)
+    else:
+        pipe = load_pipeline(model_dir, device)
+        report = evaluate_model(pipe, real_images=real, extractor=features, num_samples=num_samples,
+                                sampling_options=options, seed=seed, batch_size=batch_size, progress=True,
+                                nearest_k=nearest_k, cache_dir=cache_dir,
+                                model_id=pipeline_identity(Path(model_dir) if model_dir else DEFAULT_MODEL))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    metrics = report["metrics"]
+    click.echo(f"wrote {out}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+               + f" ({report['extractor']})")
+
+
+@main.command()
+@click.argument("model_dir", required=False)
+@evaluation_options
+@click.option("--parameter", type=click.Choice(["steps", "temperature", "proportion"]), required=True,
+              help="What to vary (paper Figs. 12, 13, 8); temperature varies the end temperature.")
+@click.option("--values", required=True, help="Comma-separated values, e.g. 10,20,50,100.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep"), show_default=True,
+              help="Writes sweep.csv, sweep.png and sweep.json here.")
+@sampling_options({"steps": 50})
+@user_errors
+def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str | None, num_samples: int,
+          batch_size: int, nearest_k: int, cache_dir: str | None, parameter: str, values: str, out_dir: Path,
+          seed: int, device: str | None, **kwargs: Any) -> None:
+    """Evaluate one sampler setting at several values and plot FID / density / coverage against it."""
+    from sundae.eval.evaluate import pipeline_identity, sweep as run_sweep, write_sweep
+
+    try:
+        points = [int(v) if parameter == "steps" else float(v) for v in values.split(",")]
+    except ValueError:
+        raise ValueError(f"--values must be comma-separated numbers, got {values!r}") from None
+    options = split_sampling_kwargs(kwargs)
+    pipe = load_pipeline(model_dir, device)
+    results = run_sweep(pipe, real, build_extractor(extractor, extractor_path, batch_size, device),
+                        parameter=parameter, values=points, num_samples=num_samples, base_options=options, seed=seed,
+                        batch_size=batch_size, cache_dir=cache_dir, nearest_k=nearest_k, progress=True,
+                        model_id=pipeline_identity(Path(model_dir) if model_dir else DEFAULT_MODEL))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_sweep(results, out_dir / "sweep.csv", out_dir / "sweep.png")
+    (out_dir / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    for row in results:
+        metrics = row["metrics"]
+        click.echo(f"{parameter}={row['value']}: fid={metrics['fid']:.4g} density={metrics['density']:.4g} "
+                   f"coverage={metrics['coverage']:.4g}")
+    click.echo(f"wrote {out_dir}/sweep.csv, sweep.png, sweep.json")
+
+
 # --- models, conversion, description ---------------------------------------------------------
 
 
