@@ -217,15 +217,6 @@ def read_training_state(directory: Path) -> dict[str, Any]:
     return load_training_state(path)
 
 
-def configure_logging(is_main: bool) -> None:
-    """stdlib logging on rank 0 only (other ranks report warnings and errors)."""
-    level = logging.INFO if is_main else logging.WARNING
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    root.setLevel(level)
-
-
 def autocast_context(device: torch.device, enabled: bool = True):
     """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
     if device.type == "cuda" and enabled:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,3 +77,22 @@ def mean_across_ranks(values: dict[str, torch.Tensor], context: DistributedConte
     dist.all_reduce(stacked)
     stacked /= context.world_size
     return dict(zip(names, stacked.unbind()))
+
+
+def configure_logging(is_main: bool) -> None:
+    """stdlib logging on rank 0 only (other ranks report warnings and errors)."""
+    level = logging.INFO if is_main else logging.WARNING
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    root.setLevel(level)
+
+
+def run_distributed(train: Callable[[DistributedContext], T], device: str | None) -> T:
+    """Run ``train(context)`` inside this process's rank (see :func:`setup_distributed`), then leave the group."""
+    context = setup_distributed(device)
+    configure_logging(context.is_main)
+    try:
+        return train(context)
+    finally:
+        teardown_distributed()

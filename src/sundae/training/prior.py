@@ -33,11 +33,11 @@ from sundae.config import ConfigBase, ConfigError, HourglassConfig
 from sundae.denoiser import Hourglass
 from sundae.sundae import sundae_loss
 from sundae.training.common import (
-    ExponentialMovingAverage, MetricsLogger, autocast_context, batch_indices, configure_logging, learning_rate,
+    ExponentialMovingAverage, MetricsLogger, autocast_context, batch_indices, learning_rate,
     progress_bar, read_training_state, recover_interrupted_checkpoint, replace_directory_atomically,
     set_learning_rate, staging_directory, step_generator, write_training_state,
 )
-from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, setup_distributed, teardown_distributed
+from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, run_distributed
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +274,7 @@ def save_sample_grid(model: Hourglass, dataset, config: PriorTrainingConfig, ste
 
 def train_prior(config: PriorTrainingConfig) -> Path:
     """Train (or resume) a SUNDAE prior; returns the exported model directory."""
-    context = setup_distributed(config.device)
-    configure_logging(context.is_main)
-    try:
-        return _train(config, context)
-    finally:
-        teardown_distributed()
+    return run_distributed(lambda context: _train(config, context), config.device)
 
 
 def _train(config: PriorTrainingConfig, context: DistributedContext) -> Path:

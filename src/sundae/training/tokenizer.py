@@ -34,11 +34,11 @@ from sundae.tokenizer import VQGAN
 from sundae.tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from sundae.tokenizer.losses import TokenizerLossConfig, build_perceptual_loss, discriminator_loss, generator_loss
 from sundae.training.common import (
-    MetricsLogger, StepBatchSampler, autocast_context, batch_indices, configure_logging, learning_rate, progress_bar,
+    MetricsLogger, StepBatchSampler, autocast_context, batch_indices, learning_rate, progress_bar,
     read_training_state, recover_interrupted_checkpoint, replace_directory_atomically, set_learning_rate,
     staging_directory, step_seed, write_training_state,
 )
-from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, setup_distributed, teardown_distributed
+from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, run_distributed
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +198,7 @@ def reconstruction_metrics(vqgan: VQGAN, images: Tensor) -> dict[str, float]:
 
 def train_tokenizer(config: TokenizerTrainingConfig) -> Path:
     """Train (or resume) a VQ-GAN; returns the exported tokenizer directory."""
-    context = setup_distributed(config.device)
-    configure_logging(context.is_main)
-    try:
-        return _train(config, context)
-    finally:
-        teardown_distributed()
+    return run_distributed(lambda context: _train(config, context), config.device)
 
 
 def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path:
