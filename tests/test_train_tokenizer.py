@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -91,3 +95,21 @@ def test_dead_codes_are_revived_from_encoder_outputs():
     latents = vqgan.encode_latents(images).detach().permute(0, 2, 3, 1).reshape(-1, 8)
     assert all(bool((latents == after[code]).all(dim=1).any()) for code in dead)
     assert int(reviver.counts.sum()) == 0
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_gloo_trains_with_gan_and_code_revival(tmp_path):
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sundae.cli",
+               "train-tokenizer", str(images), "--output-dir", str(out), "--preset", "tiny-f4", "--resolution", "16",
+               "--codebook-size", "16", "--steps", "3", "--batch-size", "2", "--discriminator-start", "1",
+               "--discriminator-layers", "1", "--revive-dead-codes-every", "2",
+               "--perceptual", "none", "--log-every", "1", "--image-every", "3", "--checkpoint-every", "3",
+               "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(out / "checkpoint" / "training_state.pt", weights_only=True)["step"] == 3
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "train/discriminator_loss" in line] == [2, 3]

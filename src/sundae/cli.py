@@ -496,6 +496,7 @@ def given(**values: Any) -> dict[str, Any]:
 @click.option("--lr", "learning_rate", type=float, default=1e-4, show_default=True)
 @click.option("--discriminator-start", type=int, default=None, help="Step at which the GAN loss starts (Table 4: 15000).")
 @click.option("--discriminator-weight", type=float, default=None)
+@click.option("--discriminator-layers", type=int, default=None, help="Patch-GAN depth (default 3, Table 4).")
 @click.option("--perceptual", type=click.Choice(["auto", "lpips-vgg", "stlpips-vgg", "none"]), default="auto",
               show_default=True, help="Perceptual features (see README: which weights files).")
 @click.option("--perceptual-weight", type=float, default=None)
@@ -504,6 +505,8 @@ def given(**values: Any) -> dict[str, Any]:
 @click.option("--log-every", type=int, default=50, show_default=True)
 @click.option("--image-every", type=int, default=500, show_default=True)
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True)
+@click.option("--revive-dead-codes-every", type=int, default=200, show_default=True,
+              help="Steps between dead-code restarts (0: never, as plain taming training).")
 @click.option("--stop-after-steps", type=int, default=None, help="End this run early (resume later).")
 @click.option("--num-workers", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -511,6 +514,7 @@ def given(**values: Any) -> dict[str, Any]:
 @user_errors
 def train_tokenizer_command(images: str, output_dir: str, preset_name: str, resolution, codebook_size, channels,
                             channel_multipliers, num_res_blocks, embed_dim, discriminator_start, discriminator_weight,
+                            discriminator_layers,
                             perceptual_weight, perceptual, perceptual_vgg_path, perceptual_lin_path,
                             **kwargs: Any) -> None:
     """Train a VQ-GAN on an image folder (multi-GPU: torchrun --nproc_per_node=N -m sundae.cli ...)."""
@@ -526,8 +530,10 @@ def train_tokenizer_command(images: str, output_dir: str, preset_name: str, reso
     loss = given(discriminator_start=discriminator_start, discriminator_weight=discriminator_weight,
                  perceptual_weight=perceptual_weight, perceptual=perceptual, perceptual_vgg_path=perceptual_vgg_path,
                  perceptual_lin_path=perceptual_lin_path)
+    revive = kwargs.pop("revive_dead_codes_every")
     config = TokenizerTrainingConfig(images=images, output_dir=output_dir, model=model.to_dict(), loss=loss,
-                                     discriminator={}, **kwargs)
+                                     discriminator=given(layers=discriminator_layers),
+                                     revive_dead_codes_every=revive or None, **kwargs)
     click.echo(f"tokenizer written to {train_tokenizer(config)}")
 
 
