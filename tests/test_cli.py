@@ -106,3 +106,10 @@ def test_evaluate_and_sweep_write_reports(tiny_pipeline_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "sweep" / "sweep.png").is_file()
     assert len((tmp_path / "sweep" / "sweep.csv").read_text().splitlines()) == 3
+
+
+def test_the_shipped_default_model_samples_with_no_model_argument(tmp_path):
+    out = tmp_path / "samples.png"
+    result = run("sample", "--out", out, "-n", 2, "--steps", 3, "--classes", "Trouser")
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (2 * 28 + 3 * 2, 28 + 2 * 2)

@@ -141,6 +141,15 @@ def token_mask_from_pixels(pixel_mask: Tensor, factor: int, rule: str = "any") -
     return patches.any(dim=(1, 3)) if rule == "any" else patches.all(dim=(1, 3))
 
 
+def _loose_name(name: str) -> str:
+    """A class name without case, a leading "<index>_" folder prefix, or punctuation."""
+    name = name.lower()
+    head, _, tail = name.partition("_")
+    if head.isdigit() and tail:
+        name = tail
+    return "".join(character for character in name if character.isalnum())
+
+
 class SundaePipeline:
     """Sampling, inpainting, outpainting and refinement with a prior and its tokenizer."""
 
@@ -207,9 +216,12 @@ class SundaePipeline:
             raise ValueError("this model is unconditional: it takes no class")
         if isinstance(label, str) and not label.lstrip("-").isdigit():
             names = self.class_names or []
-            if label not in names:
+            if label in names:
+                return names.index(label)
+            loose = [_loose_name(name) for name in names]  # "Trouser" finds "1_trouser" or "trouser"
+            if _loose_name(label) not in loose:
                 raise ValueError(f"unknown class {label!r}; known classes: {', '.join(names)}")
-            return names.index(label)
+            return loose.index(_loose_name(label))
         index = int(label)
         if not 0 <= index < num_classes:
             raise ValueError(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")
