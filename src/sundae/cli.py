@@ -408,6 +408,37 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
     click.echo(f"wrote {out_dir}/sweep.csv, sweep.png, sweep.json")
 
 
+@main.command()
+@click.option("--preset", "preset_name", default="ffhq256", show_default=True,
+              help="Prior preset (ffhq256, ffhq1024, imagenet, tiny ...); random weights.")
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--batch-sizes", default="1", show_default=True, help="Comma-separated, e.g. 1,16.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--compile", is_flag=True, help="torch.compile the prior step.")
+@click.option("--cuda-graphs", is_flag=True, help="Capture the fixed-shape step in a CUDA graph (CUDA only).")
+@click.option("--early-stop", is_flag=True, help="Let samples stop on their own (rare with random weights).")
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--no-decode", "decode", flag_value=False, default=True, help="Time the prior only.")
+@click.option("--decode-tiles", type=int, default=None, help="Decode in this many tiles per side (less memory).")
+@click.option("--device", default=None)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full result here.")
+@user_errors
+def bench(preset_name: str, steps: int, batch_sizes: str, json_path: str | None, **kwargs: Any) -> None:
+    """Time sampling (prior steps + decode) and compare it with this device's measured matmul rate."""
+    from sundae.bench import run_benchmark, summarize, write_json
+
+    try:
+        sizes = tuple(int(v) for v in batch_sizes.split(","))
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    result = run_benchmark(preset=preset_name, steps=steps, batch_sizes=sizes, **kwargs)
+    if json_path is not None:
+        write_json(result, json_path)
+    click.echo(summarize(result))
+
+
 # --- models, conversion, description ---------------------------------------------------------
 
 

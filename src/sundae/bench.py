@@ -1,0 +1,614 @@
+"""Sampling speed measured against the hardware limit (paper §1, §4.1 and Fig. 1: a 1024² FFHQ
+sample, T = 100 prior steps plus VQ-GAN decoding, in about 2 s on a GTX 1080Ti).
+
+:func:`run_benchmark` builds a Table 3 prior and its tokenizer with random weights (speed does
+not depend on training), runs the real sampling loop of :mod:`sundae.sampler` for ``steps``
+steps at each batch size, decodes the tokens, and reports wall-clock times next to the work
+done: the FLOPs of one prior step and of one decode, counted on the real modules with
+:class:`torch.utils.flop_counter.FlopCounterMode`, and, measured in the same run, the device's
+dense matmul rate at the prior's width ``(batch·tokens, dim) @ (dim, 4·dim)`` in the same dtype.
+The ratio of the two says how far the prior step (network forward *and* the sampling arithmetic
+over the ``v`` logits) is from the hardware limit.
+
+Timing: on CUDA the device is synchronised (and CUDA events recorded) only at the boundaries of
+a measured region, never inside the sampling loop; on CPU ``time.perf_counter`` is used.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (and ``max_memory_reserved``) over a
+measured region, weights included. On CPU the process's peak resident set size (``VmHWM`` in
+``/proc/self/status``), reset at the start of the region through ``/proc/self/clear_refs``
+(Linux >= 4.0); where that file is not writable, ``resource.getrusage``'s lifetime peak is used,
+which only shows growth beyond earlier peaks. The increase over the resident size at the start
+of the region is reported too (the working memory of the region alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from sundae.config import HOURGLASS_PRESETS, VQGAN_PRESETS, HourglassConfig, VQGANConfig
+from sundae.config import preset as named_preset
+from sundae.denoiser import Hourglass, count_parameters
+from sundae.sampler import SampleOutput, SamplingOptions, sample
+from sundae.tokenizer import VQGAN
+
+T = TypeVar("T")
+
+# the tokenizer each prior preset samples for (paper Tables 3 and 4; §4.1 uses taming's f16 models)
+PRESET_TOKENIZERS: dict[str, str] = {
+    "ffhq1024": "paper-ffhq1024-f32",
+    "ffhq256": "taming-ffhq-f16-1024",
+    "imagenet": "taming-imagenet-f16-1024",
+    "tiny": "tiny-f4",
+}
+COMPACTION_INTERVAL = 10  # with early stopping: one host sync per 10 steps instead of every step
+WARMUP_STEPS = 3  # warm-up runs only trigger compilation, CUDA-graph capture and allocator growth
+MATMUL_REPEATS = 10
+MATMUL_MIN_SECONDS = 0.05  # per timed matmul measurement
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# how the CPU's OpenMP threads wait: on a shared machine spin-waiting collapses small parallel ops
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark setting is invalid; the message says which one and what to use instead."""
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(function: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """Run ``function`` once; return its result and the seconds it took on ``device``."""
+    if device.type != "cuda":
+        started = time.perf_counter()
+        result = function()
+        return result, time.perf_counter() - started
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    result = function()
+    end.record()
+    end.synchronize()
+    return result, start.elapsed_time(end) / 1000.0
+
+
+def attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any,
+                    out_shape: Any = None, **kwargs: Any) -> int:
+    """Scores ``q @ kᵀ`` plus the weighted sum ``p @ v`` of an attention call, 2 FLOPs per multiply-add."""
+    *batch, queries, width = query_shape
+    keys = key_shape[-2]
+    return 2 * math.prod(batch) * queries * keys * (width + value_shape[-1])
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one, which it would count as 0
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+
+
+def count_flops(function: Callable[[], Any]) -> int:
+    """FLOPs of the matmuls, convolutions and attention that ``function`` runs (one real call)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+    with counter:
+        function()
+    return counter.get_total_flops()
+
+
+def median_seconds(function: Callable[[], Any], device: torch.device, *, repeats: int) -> float:
+    return statistics.median(time_call(function, device)[1] for _ in range(repeats))
+
+
+def measure_matmul_rate(rows: int, dim: int, *, dtype: torch.dtype, device: torch.device,
+                        repeats: int = MATMUL_REPEATS) -> float:
+    """Dense matmul FLOP/s of ``(rows, dim) @ (dim, 4·dim)`` in ``dtype``: median of ``repeats`` timings
+    of at least ``MATMUL_MIN_SECONDS`` each, after warm-up.
+
+    The shape of the prior's feed-forward layer at full resolution: the rate a step could reach
+    if it did nothing but its largest matmuls.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    left = torch.randn(rows, dim, generator=generator, device=device, dtype=dtype)
+    right = torch.randn(dim, 4 * dim, generator=generator, device=device, dtype=dtype)
+
+    def multiply(times: int) -> None:
+        for _ in range(times):
+            torch.mm(left, right)
+
+    with torch.inference_mode():
+        # a small product takes microseconds: time enough of them in a row for the timer and clocks
+        _, once = time_call(lambda: multiply(2), device)
+        times = max(1, math.ceil(MATMUL_MIN_SECONDS / max(once / 2, 1e-9)))
+        seconds = median_seconds(lambda: multiply(times), device, repeats=repeats) / times
+    return 2 * rows * dim * 4 * dim / seconds
+
+
+def _resident_bytes(field: str) -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", status, flags=re.MULTILINE)
+    return None if match is None else int(match.group(1)) * 1024
+
+
+def _reset_resident_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class MemoryPeak:
+    """Peak memory of a region: see the module docstring for what is measured on each device."""
+
+    peak_bytes: int | None = None
+    increase_bytes: int | None = None
+    reserved_bytes: int | None = None
+    method: str = ""
+
+
+@contextlib.contextmanager
+def track_peak_memory(device: torch.device) -> Iterator[MemoryPeak]:
+    peak = MemoryPeak()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()  # so that the reserved peak is this region's, not earlier regions' leftovers
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield peak
+        synchronize(device)
+        peak.peak_bytes = torch.cuda.max_memory_allocated(device)
+        peak.reserved_bytes = torch.cuda.max_memory_reserved(device)
+        peak.increase_bytes = peak.peak_bytes - start
+        peak.method = "torch.cuda.max_memory_allocated (weights included)"
+        return
+    start = _resident_bytes("VmRSS")
+    if _reset_resident_peak() and start is not None:
+        yield peak
+        peak.peak_bytes = _resident_bytes("VmHWM")
+        peak.method = "peak resident set size (VmHWM after resetting it via /proc/self/clear_refs)"
+    else:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        yield peak
+        peak.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak.method = "growth of the lifetime peak resident set size (getrusage ru_maxrss)"
+    peak.increase_bytes = None if peak.peak_bytes is None else max(0, peak.peak_bytes - start)
+
+
+def device_facts(device: torch.device) -> dict[str, Any]:
+    """Name, kind and parallelism of the device the benchmark runs on."""
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "memory_bytes": properties.total_memory,
+                "multiprocessors": properties.multi_processor_count, "cuda_version": torch.version.cuda}
+    return {"type": device.type, "name": _cpu_model(), "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "environment": {name: os.environ.get(name) for name in THREAD_VARIABLES}}
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    match = re.search(r"^model name\s*:\s*(.+)$", text, flags=re.MULTILINE)
+    return match.group(1).strip() if match else "unknown CPU"
+
+
+def load_average() -> list[float] | None:
+    """1-, 5- and 15-minute load averages: how busy a shared machine was while measuring."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --- the models and knobs --------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError(f"device {device} was asked for but CUDA is not available; use device='cpu'")
+    return device
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"``: bfloat16 autocast on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise BenchmarkError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_prior(config: HourglassConfig, device: torch.device) -> Hourglass:
+    """A prior with random weights: every multiply costs the same whatever the weights."""
+    torch.manual_seed(0)
+    return Hourglass(config).to(device).eval()
+
+
+def build_tokenizer(config: VQGANConfig, device: torch.device, *, dtype: torch.dtype,
+                    channels_last: bool) -> VQGAN:
+    """A VQ-GAN with random weights; in a low-precision ``dtype`` its decoder runs in that dtype.
+
+    The decoder's convolutions and GroupNorms then run natively in bf16 (no autocast casts around
+    every GroupNorm), optionally channels-last for the tensor cores; the codebook stays fp32.
+    """
+    torch.manual_seed(0)
+    tokenizer = VQGAN(config).to(device).eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for module in (tokenizer.post_quant_conv, tokenizer.decoder):
+        module.to(dtype=dtype, memory_format=memory_format)
+    return tokenizer
+
+
+def prepare_prior(prior: Hourglass, *, compile: bool, cuda_graphs: bool) -> nn.Module:
+    """The module the sampler calls: ``prior`` itself or its compiled forward.
+
+    Compilation is for a fixed shape (``dynamic=False``): one compilation per batch size, done in
+    the warm-up. ``cuda_graphs`` replays each step's forward as one CUDA graph ("reduce-overhead"),
+    which removes the per-kernel launch cost that dominates small batches.
+    """
+    if cuda_graphs and not compile:
+        raise BenchmarkError("cuda_graphs needs compile=True (graphs are captured by torch.compile)")
+    if not compile:
+        return prior
+    return torch.compile(prior, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+
+
+class CallRecorder(nn.Module):
+    """Passes calls to ``model`` through and records each call's batch size (known on the host: no sync)."""
+
+    def __init__(self, model: nn.Module, config: HourglassConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.rows: list[int] = []
+
+    def forward(self, tokens: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        self.rows.append(tokens.shape[0])
+        return self.model(tokens, class_labels)
+
+
+def benchmark_sampling_options(*, steps: int, early_stop: bool) -> SamplingOptions:
+    """The sampler's defaults, with finished samples removed every ``COMPACTION_INTERVAL`` steps.
+
+    Compaction costs one host sync; a sample frozen on the device already stops changing, so the
+    interval changes the cost, never the tokens.
+    """
+    return SamplingOptions(steps=steps, early_stop=early_stop,
+                           compaction_interval=COMPACTION_INTERVAL if early_stop else 1)
+
+
+def decode_in_tiles(tokenizer: VQGAN, tokens: Tensor, *, tiles: int, overlap: int = 2) -> Tensor:
+    """Decode ``tokens`` (B, h, w) as ``tiles × tiles`` pieces, each with ``overlap`` tokens of context.
+
+    Bounds the decoder's activation memory by one tile's. Approximate: attention and GroupNorm
+    statistics see only a tile and its margin, so seams may show; a speed/memory knob only.
+    """
+    height, width = tokens.shape[1:]
+    if not 1 <= tiles <= min(height, width):
+        raise BenchmarkError(f"decode_tiles must be between 1 and {min(height, width)} for a {height}x{width} "
+                             f"token grid, got {tiles}")
+    factor = tokenizer.config.downsample_factor
+    rows = [round(height * i / tiles) for i in range(tiles + 1)]
+    columns = [round(width * i / tiles) for i in range(tiles + 1)]
+    bands = []
+    for top, bottom in zip(rows, rows[1:]):
+        band = []
+        for left, right in zip(columns, columns[1:]):
+            top_margin, left_margin = min(overlap, top), min(overlap, left)
+            piece = tokens[:, top - top_margin:min(height, bottom + overlap),
+                           left - left_margin:min(width, right + overlap)]
+            image = tokenizer.decode(piece)
+            y, x = top_margin * factor, left_margin * factor
+            band.append(image[..., y:y + (bottom - top) * factor, x:x + (right - left) * factor])
+        bands.append(torch.cat(band, dim=-1))
+    return torch.cat(bands, dim=-2)
+
+
+def decode_tokens(tokenizer: VQGAN, tokens: Tensor, *, tiles: int | None) -> Tensor:
+    if tiles is None:
+        return tokenizer.decode(tokens)
+    return decode_in_tiles(tokenizer, tokens, tiles=tiles)
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def _class_labels(config: HourglassConfig, batch: int, device: torch.device) -> Tensor | None:
+    if config.num_classes is None:
+        return None
+    return torch.arange(batch, device=device) % config.num_classes
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median prior time (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
+
+
+def benchmark_batch(*, prior: Hourglass, runner: nn.Module, tokenizer: VQGAN | None, batch: int, steps: int,
+                    early_stop: bool, dtype: torch.dtype, device: torch.device, repeats: int, warmup: int,
+                    decode_tiles: int | None) -> dict[str, Any]:
+    """Every measurement at one batch size; see :func:`run_benchmark`."""
+    config = prior.config
+    grid = tuple(config.latent_shape)
+    labels = _class_labels(config, batch, device)
+    tokens = torch.randint(0, config.codebook_size, (batch, *grid), device=device,
+                           generator=torch.Generator(device=device).manual_seed(0))
+    options = benchmark_sampling_options(steps=steps, early_stop=early_stop)
+    recorder = CallRecorder(runner, config)
+
+    def run_sampler(options: SamplingOptions) -> SampleOutput:
+        recorder.rows.clear()
+        with autocast(device, dtype):
+            output = sample(recorder, options=options, num_samples=batch, grid_shape=grid, class_labels=labels,
+                            seeds=torch.arange(batch))
+        return output
+
+    def forward(model: nn.Module) -> Tensor:
+        with torch.inference_mode(), autocast(device, dtype):
+            return model(tokens, labels)
+
+    flops_per_step = count_flops(lambda: forward(prior))
+    matmul_shape = (batch * math.prod(grid), config.dim)
+    warmup_options = benchmark_sampling_options(steps=min(steps, WARMUP_STEPS), early_stop=early_stop)
+    for _ in range(warmup):
+        run_sampler(warmup_options)
+    # a shared machine's speed drifts: each run is compared with the matmul rates measured just
+    # before and after it, and the fractions are medians over runs
+    rates = [measure_matmul_rate(*matmul_shape, dtype=dtype, device=device)]
+    runs = []
+    for _ in range(repeats):
+        _, forward_seconds = time_call(lambda: forward(runner), device)
+        with track_peak_memory(device) as memory:
+            output, seconds = time_call(lambda: run_sampler(options), device)
+        rates.append(measure_matmul_rate(*matmul_shape, dtype=dtype, device=device))
+        matmul_rate = (rates[-2] + rates[-1]) / 2
+        # FLOPs are linear in the batch: samples removed by compaction cost nothing
+        flops_per_second = flops_per_step / batch * sum(recorder.rows) / seconds
+        runs.append({"seconds": seconds, "iterations": len(recorder.rows), "output": output, "memory": memory,
+                     "forward_seconds": forward_seconds, "matmul_rate": matmul_rate,
+                     "flops_per_second": flops_per_second, "fraction": flops_per_second / matmul_rate,
+                     "forward_fraction": flops_per_step / forward_seconds / matmul_rate})
+    median = _median_run(runs)
+    output = median["output"]
+    forward_seconds = statistics.median(run["forward_seconds"] for run in runs)
+    step_seconds = median["seconds"] / median["iterations"]
+    matmul_rate = statistics.median(run["matmul_rate"] for run in runs)
+    memory = max((run["memory"] for run in runs), key=lambda peak: peak.peak_bytes or 0)
+
+    result: dict[str, Any] = {
+        "batch_size": batch,
+        "step_seconds": step_seconds,
+        "forward_seconds": forward_seconds,
+        "sampling_seconds_per_step": step_seconds - forward_seconds,
+        "prior_seconds": median["seconds"],
+        "prior_seconds_all_repeats": [run["seconds"] for run in runs],
+        "iterations": median["iterations"],
+        "mean_steps_taken": output.steps_taken.float().mean().item(),
+        "flops_per_step": flops_per_step,
+        "flops_per_sample_step": flops_per_step / batch,
+        "achieved_flops_per_second": median["flops_per_second"],
+        "forward_flops_per_second": flops_per_step / forward_seconds,
+        "matmul_flops_per_second": matmul_rate,
+        "matmul_flops_per_second_all_repeats": [run["matmul_rate"] for run in runs],
+        "matmul_shape": [*matmul_shape, 4 * config.dim],
+        "fraction_of_matmul_peak": statistics.median(run["fraction"] for run in runs),
+        "fraction_of_matmul_peak_all_repeats": [run["fraction"] for run in runs],
+        "forward_fraction_of_matmul_peak": statistics.median(run["forward_fraction"] for run in runs),
+        "prior_peak_memory_bytes": memory.peak_bytes,
+        "prior_memory_increase_bytes": memory.increase_bytes,
+        "prior_peak_memory_reserved_bytes": memory.reserved_bytes,
+        "memory_method": memory.method,
+    }
+    result.update(_benchmark_decode(tokenizer, output.tokens, device=device, repeats=repeats, warmup=warmup,
+                                    tiles=decode_tiles, matmul_rate=matmul_rate))
+    end_to_end = median["seconds"] + (result["decode_seconds"] or 0.0)
+    result["seconds_per_image"] = end_to_end / batch
+    result["images_per_second"] = batch / end_to_end
+    peaks = [value for value in (memory.peak_bytes, result["decode_peak_memory_bytes"]) if value is not None]
+    result["peak_memory_bytes"] = max(peaks, default=None)
+    return result
+
+
+def _benchmark_decode(tokenizer: VQGAN | None, tokens: Tensor, *, device: torch.device, repeats: int, warmup: int,
+                      tiles: int | None, matmul_rate: float) -> dict[str, Any]:
+    keys = ("decode_seconds", "decode_flops", "decode_flops_per_second", "decode_fraction_of_matmul_peak",
+            "decode_peak_memory_bytes", "decode_memory_increase_bytes", "decode_peak_memory_reserved_bytes")
+    if tokenizer is None:
+        return dict.fromkeys(keys)
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            return decode_tokens(tokenizer, tokens, tiles=tiles)
+
+    decode_flops = count_flops(run)
+    for _ in range(warmup):
+        run()
+    with track_peak_memory(device) as memory:
+        seconds = median_seconds(run, device, repeats=repeats)
+    return dict(zip(keys, (seconds, decode_flops, decode_flops / seconds, decode_flops / seconds / matmul_rate,
+                           memory.peak_bytes, memory.increase_bytes, memory.reserved_bytes)))
+
+
+def run_benchmark(
+    *,
+    preset: str,
+    steps: int = 100,
+    batch_sizes: tuple[int, ...] = (1,),
+    dtype: str = "auto",
+    compile: bool = False,
+    cuda_graphs: bool = False,
+    early_stop: bool = False,
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str | torch.device | None = None,
+    decode: bool = True,
+    decode_tiles: int | None = None,
+    channels_last: bool | None = None,
+    tokenizer: str | None = None,
+) -> dict[str, Any]:
+    """Time ``steps`` sampling steps of a Table 3 prior plus decoding, against the device's matmul rate.
+
+    Args:
+        preset: a prior preset with a known tokenizer (:data:`PRESET_TOKENIZERS`), e.g. ``"ffhq1024"``.
+        steps: sampling steps T (the paper's 1024² figure uses 100).
+        batch_sizes: batch sizes to measure, one result each.
+        dtype: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"float32"`` or ``"bfloat16"``; in bf16
+            the decoder runs with bf16 weights.
+        compile: ``torch.compile`` the prior's forward for the fixed step shape (compiled in warm-up).
+        cuda_graphs: with ``compile``, replay each forward as a CUDA graph (CUDA only).
+        early_stop: let samples stop on their own. With random weights this almost never triggers
+            (the logits are nearly uniform, so some token always changes): the figures are then
+            those of full T-step runs.
+        repeats: timed runs per measurement; times are medians. ``warmup``: untimed runs first.
+        device: ``"cpu"``, ``"cuda"``, ...; None: CUDA when available.
+        decode: also decode the sampled tokens with the preset's tokenizer.
+        decode_tiles: decode as ``tiles × tiles`` pieces to bound memory (approximate at seams).
+        channels_last: channels-last decoder; None: on for CUDA.
+        tokenizer: a :data:`~sundae.config.VQGAN_PRESETS` name instead of the preset's own.
+
+    Returns a JSON-able dict: settings, device facts, load averages, one entry per batch size in
+    ``results`` (see the README in ``benchmarks/`` for every key) and a one-line ``summary``.
+    """
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    _check_settings(preset=preset, steps=steps, batch_sizes=batch_sizes, repeats=repeats, warmup=warmup,
+                    cuda_graphs=cuda_graphs, device=device, tokenizer=tokenizer, decode_tiles=decode_tiles)
+    prior_config = named_preset(preset, HOURGLASS_PRESETS)
+    tokenizer_name = tokenizer if tokenizer is not None else PRESET_TOKENIZERS[preset]
+    # the prior's codebook size, so every sampled token is a valid code (equal for the paper pairs)
+    tokenizer_config = named_preset(tokenizer_name, VQGAN_PRESETS).replace(
+        codebook_size=prior_config.codebook_size)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+
+    load_before = load_average()
+    prior = build_prior(prior_config, device)
+    runner = prepare_prior(prior, compile=compile, cuda_graphs=cuda_graphs)
+    vqgan = None
+    if decode:
+        vqgan = build_tokenizer(tokenizer_config, device, dtype=torch_dtype, channels_last=channels_last)
+    results = [
+        benchmark_batch(prior=prior, runner=runner, tokenizer=vqgan, batch=batch, steps=steps, early_stop=early_stop,
+                        dtype=torch_dtype, device=device, repeats=repeats, warmup=warmup, decode_tiles=decode_tiles)
+        for batch in batch_sizes
+    ]
+    image_size = [side * tokenizer_config.downsample_factor for side in prior_config.latent_shape]
+    result = {
+        "preset": preset,
+        "tokenizer": tokenizer_name if decode else None,
+        "image_size": image_size,
+        "latent_shape": list(prior_config.latent_shape),
+        "codebook_size": prior_config.codebook_size,
+        "prior_parameters": count_parameters(prior),
+        "tokenizer_parameters": None if vqgan is None else count_parameters(vqgan),
+        "steps": steps,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "compile": compile,
+        "cuda_graphs": cuda_graphs,
+        "early_stop": early_stop,
+        "compaction_interval": benchmark_sampling_options(steps=steps, early_stop=early_stop).compaction_interval,
+        "decode": decode,
+        "decode_tiles": decode_tiles,
+        "channels_last": channels_last if decode else None,
+        "repeats": repeats,
+        "warmup": warmup,
+        "device": device_facts(device),
+        "torch_version": torch.__version__,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "results": results,
+    }
+    result["summary"] = summarize(result)
+    return result
+
+
+def _check_settings(*, preset: str, steps: int, batch_sizes: tuple[int, ...], repeats: int, warmup: int,
+                    cuda_graphs: bool, device: torch.device, tokenizer: str | None,
+                    decode_tiles: int | None) -> None:
+    if tokenizer is None and preset not in PRESET_TOKENIZERS:
+        raise BenchmarkError(f"preset {preset!r} has no tokenizer to decode with; choose one of "
+                             f"{', '.join(sorted(PRESET_TOKENIZERS))} or name a tokenizer preset")
+    if steps < 1 or repeats < 1 or warmup < 0:
+        raise BenchmarkError(f"need steps >= 1, repeats >= 1 and warmup >= 0, got {steps}, {repeats}, {warmup}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise BenchmarkError(f"batch sizes must be >= 1, got {tuple(batch_sizes)}")
+    if cuda_graphs and device.type != "cuda":
+        raise BenchmarkError("cuda_graphs needs a CUDA device")
+    if decode_tiles is not None and decode_tiles < 1:
+        raise BenchmarkError(f"decode_tiles must be >= 1 or None, got {decode_tiles}")
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds * 1000:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def summarize(result: dict[str, Any]) -> str:
+    """One line: the setting, then per batch size the step, prior, decode and per-image times and the peak fraction."""
+    device = result["device"]
+    threads = f", {device['threads']} threads" if "threads" in device else ""
+    knobs = "".join(f", {name}" for name in ("compile", "cuda_graphs", "early_stop") if result[name])
+    head = (f"{result['preset']} {result['image_size'][0]}x{result['image_size'][1]} T={result['steps']} on "
+            f"{device['name']} ({device['type']}{threads}, {result['dtype']}{knobs})")
+    parts = []
+    for entry in result["results"]:
+        decode_text = "" if entry["decode_seconds"] is None else f" + decode {_format_seconds(entry['decode_seconds'])}"
+        memory = "" if entry["peak_memory_bytes"] is None else f", peak {entry['peak_memory_bytes'] / 2**30:.2f} GiB"
+        parts.append(
+            f"batch {entry['batch_size']}: {_format_seconds(entry['step_seconds'])}/step, prior "
+            f"{_format_seconds(entry['prior_seconds'])}{decode_text} = {_format_seconds(entry['seconds_per_image'])}"
+            f"/image ({entry['images_per_second']:.3g} images/s); prior {entry['achieved_flops_per_second'] / 1e9:.4g} "
+            f"GFLOP/s = {entry['fraction_of_matmul_peak']:.2f} of matmul {entry['matmul_flops_per_second'] / 1e9:.4g} "
+            f"GFLOP/s (forward alone {entry['forward_fraction_of_matmul_peak']:.2f}){memory}"
+        )
+    return f"{head}: " + "; ".join(parts)
+
+
+def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``result`` as indented JSON (atomically: temporary file + rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(result, indent=2) + "\n")
+    temporary.replace(path)
+    return path
+
+
+def result_filename(result: dict[str, Any], suffix: str | None = None) -> str:
+    """``<device>-<preset>[-suffix].json``: ``cpu-ffhq1024.json``, ``nvidia-h100-80gb-hbm3-ffhq1024.json``."""
+    facts = result["device"]
+    device = "cpu" if facts["type"] == "cpu" else re.sub(r"[^a-z0-9]+", "-", facts["name"].lower())
+    return "-".join(part.strip("-") for part in (device, result["preset"], suffix) if part) + ".json"
+
+
+__all__ = [
+    "BenchmarkError", "PRESET_TOKENIZERS", "benchmark_sampling_options", "count_flops", "decode_in_tiles",
+    "measure_matmul_rate", "prepare_prior", "result_filename", "run_benchmark", "summarize", "write_json",
+]

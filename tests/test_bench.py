@@ -1,0 +1,186 @@
+"""The speed benchmark: the benchmarked loop samples exactly what the plain loop samples, FLOPs are
+counted as in closed form (CPU attention included), and the reported rates and fractions agree
+with each other."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sundae.bench import (
+    BenchmarkError, benchmark_sampling_options, count_flops, decode_in_tiles, measure_matmul_rate, prepare_prior,
+    result_filename, run_benchmark, write_json,
+)
+from sundae.config import HOURGLASS_PRESETS, VQGANConfig
+from sundae.denoiser import Hourglass
+from sundae.sampler import SamplingOptions, sample
+from sundae.tokenizer import VQGAN
+
+
+@pytest.fixture(scope="module")
+def stopping_model() -> Hourglass:
+    """A tiny prior whose logits favour one code strongly, so samples settle and stop at different steps."""
+    torch.manual_seed(0)
+    model = Hourglass(HOURGLASS_PRESETS["tiny"]).eval()
+    with torch.no_grad():
+        model.to_logits.weight.mul_(20.0)
+        model.to_logits.bias[5] = 12.0
+    return model
+
+
+def test_benchmarked_loop_gives_the_same_tokens_as_the_plain_loop(stopping_model):
+    seeds = [3, 1, 4, 1_000_003, 5, 9]
+    plain = sample(stopping_model, options=SamplingOptions(steps=24, compaction_interval=1), num_samples=6,
+                   grid_shape=(8, 8), seeds=seeds)
+    options = benchmark_sampling_options(steps=24, early_stop=True)
+    assert options.compaction_interval > 1
+    fast = sample(prepare_prior(stopping_model, compile=False, cuda_graphs=False), options=options, num_samples=6,
+                  grid_shape=(8, 8), seeds=seeds)
+    assert torch.equal(fast.tokens, plain.tokens)
+    assert torch.equal(fast.steps_taken, plain.steps_taken)
+    # the case worth testing: samples stop at different steps, some between two compactions
+    assert len(set(plain.steps_taken.tolist())) > 1 and plain.steps_taken.max() < 24
+    assert any(step % options.compaction_interval for step in plain.steps_taken.tolist())
+
+
+def test_flops_of_a_linear_stack_match_the_closed_form():
+    widths = [24, 40, 8, 16]
+    stack = nn.Sequential(*(nn.Linear(a, b) for a, b in zip(widths, widths[1:])))
+    rows = 7
+    expected = sum(2 * rows * a * b for a, b in zip(widths, widths[1:]))
+    assert count_flops(lambda: stack(torch.randn(rows, widths[0]))) == expected
+
+
+def test_cpu_attention_flops_are_counted():
+    query, key = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 6, 8)
+    value = torch.randn(2, 3, 6, 12)
+    flops = count_flops(lambda: F.scaled_dot_product_attention(query, key, value))
+    assert flops == 2 * 2 * 3 * 10 * 6 * 8 + 2 * 2 * 3 * 10 * 6 * 12
+
+
+def test_matmul_rate_is_a_plausible_positive_rate():
+    rate = measure_matmul_rate(64, 32, dtype=torch.float32, device=torch.device("cpu"), repeats=2)
+    assert 1e6 < rate < 1e14
+
+
+class PatchDecoder:
+    """A stand-in tokenizer whose every token decodes to its own f×f patch: tiling it is exact."""
+
+    config = SimpleNamespace(downsample_factor=4)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens.float().repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
+        return patches[:, None].expand(-1, 3, -1, -1)
+
+
+def test_tiles_are_stitched_in_place():
+    tokens = torch.randint(0, 100, (2, 7, 9))
+    whole = PatchDecoder().decode(tokens)
+    for tiles in (1, 2, 3, 7):
+        assert torch.equal(decode_in_tiles(PatchDecoder(), tokens, tiles=tiles, overlap=2), whole)
+    with pytest.raises(BenchmarkError, match="decode_tiles"):
+        decode_in_tiles(PatchDecoder(), tokens, tiles=8)
+
+
+def test_one_tile_is_plain_decoding():
+    torch.manual_seed(0)
+    tokenizer = VQGAN(VQGANConfig(resolution=16, channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+                                  attention_resolutions=(), z_channels=32, embed_dim=8, codebook_size=16)).eval()
+    tokens = torch.randint(0, 16, (2, 6, 8))
+    with torch.inference_mode():
+        assert torch.equal(decode_in_tiles(tokenizer, tokens, tiles=1), tokenizer.decode(tokens))
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    return run_benchmark(preset="tiny", steps=3, batch_sizes=(1, 2), repeats=2, warmup=1, device="cpu")
+
+
+NUMBER_KEYS = [
+    "step_seconds", "forward_seconds", "prior_seconds", "flops_per_step", "flops_per_sample_step",
+    "achieved_flops_per_second", "forward_flops_per_second", "matmul_flops_per_second", "fraction_of_matmul_peak",
+    "forward_fraction_of_matmul_peak", "decode_seconds", "decode_flops", "decode_flops_per_second",
+    "decode_fraction_of_matmul_peak", "seconds_per_image", "images_per_second", "peak_memory_bytes",
+    "prior_peak_memory_bytes", "decode_peak_memory_bytes",
+]
+
+
+def test_tiny_benchmark_reports_every_number_positive(tiny_result):
+    assert [entry["batch_size"] for entry in tiny_result["results"]] == [1, 2]
+    for entry in tiny_result["results"]:
+        for key in NUMBER_KEYS:
+            assert isinstance(entry[key], (int, float)) and entry[key] > 0, key
+        assert entry["iterations"] == 3 and entry["mean_steps_taken"] == 3
+        assert len(entry["prior_seconds_all_repeats"]) == 2
+    assert tiny_result["device"]["name"] and tiny_result["device"]["threads"] >= 1
+    assert tiny_result["torch_version"] == torch.__version__
+    assert tiny_result["dtype"] == "float32" and tiny_result["image_size"] == [32, 32]
+    assert "\n" not in tiny_result["summary"] and "batch 2" in tiny_result["summary"]
+
+
+def test_tiny_benchmark_rates_and_fractions_agree(tiny_result):
+    first, second = tiny_result["results"]
+    assert second["flops_per_step"] == 2 * first["flops_per_step"]  # FLOPs are linear in the batch
+    for entry in tiny_result["results"]:
+        assert entry["prior_seconds"] in entry["prior_seconds_all_repeats"]
+        assert math.isclose(entry["step_seconds"], entry["prior_seconds"] / 3)
+        assert math.isclose(entry["achieved_flops_per_second"], entry["flops_per_step"] / entry["step_seconds"])
+        # each run is compared with the matmul rate measured around it; the fraction is the median over runs
+        fractions = [entry["flops_per_step"] * 3 / seconds / rate for seconds, rate in
+                     zip(entry["prior_seconds_all_repeats"], entry["matmul_flops_per_second_all_repeats"])]
+        assert entry["fraction_of_matmul_peak_all_repeats"] == pytest.approx(fractions)
+        assert math.isclose(entry["fraction_of_matmul_peak"], sum(fractions) / 2)
+        assert math.isclose(entry["matmul_flops_per_second"], sum(entry["matmul_flops_per_second_all_repeats"]) / 2)
+        assert math.isclose(entry["decode_flops_per_second"], entry["decode_flops"] / entry["decode_seconds"])
+        assert math.isclose(entry["decode_fraction_of_matmul_peak"],
+                            entry["decode_flops_per_second"] / entry["matmul_flops_per_second"])
+        end_to_end = entry["prior_seconds"] + entry["decode_seconds"]
+        assert math.isclose(entry["seconds_per_image"], end_to_end / entry["batch_size"])
+        assert math.isclose(entry["images_per_second"], 1 / entry["seconds_per_image"])
+        assert entry["matmul_shape"] == [entry["batch_size"] * 64, 64, 256]
+        assert entry["peak_memory_bytes"] == max(entry["prior_peak_memory_bytes"], entry["decode_peak_memory_bytes"])
+
+
+def test_prior_flops_match_a_hand_count_of_the_tiny_hourglass(tiny_result):
+    config = HOURGLASS_PRESETS["tiny"]
+    dim, width, tokens, blocks = config.dim, config.heads * config.head_dim, 64, 16
+
+    def layer(queries: int, key_rows: int, query_key_pairs: int) -> int:
+        """q, kv and out projections, scores and weighted values, feed-forward; 2 FLOPs per multiply-add."""
+        projections = 2 * queries * dim * width + 2 * key_rows * dim * 2 * width + 2 * queries * width * dim
+        return projections + 2 * query_key_pairs * 2 * width + 2 * 2 * queries * dim * 4 * dim
+
+    pre, valley, post = config.depth
+    expected = (
+        (pre + post + 1) * layer(tokens, tokens, tokens**2)  # full-resolution layers and the upsampling attention
+        + valley * layer(blocks, blocks, blocks**2)
+        + 2 * blocks * 4 * dim * dim + layer(blocks, 5 * blocks, 5 * blocks)  # merge; each block: 1 query, 1 + 4 keys
+        + 2 * blocks * dim * 4 * dim  # expansion
+        + 2 * tokens * dim * config.codebook_size  # logits
+    )
+    assert tiny_result["results"][0]["flops_per_step"] == expected
+
+
+def test_result_file_round_trip_and_name(tiny_result, tmp_path):
+    import json
+
+    path = write_json(tiny_result, tmp_path / "results" / result_filename(tiny_result))
+    assert path.name == "cpu-tiny.json"
+    assert json.loads(path.read_text()) == json.loads(json.dumps(tiny_result))
+    gpu = {"device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "preset": "ffhq1024"}
+    assert result_filename(gpu, "eager") == "nvidia-h100-80gb-hbm3-ffhq1024-eager.json"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"preset": "celeba"}, "no tokenizer"),
+    ({"preset": "tiny", "batch_sizes": (0,)}, "batch sizes"),
+    ({"preset": "tiny", "dtype": "float16"}, "dtype"),
+    ({"preset": "tiny", "cuda_graphs": True, "compile": True}, "CUDA"),
+    ({"preset": "tiny", "repeats": 0}, "repeats"),
+])
+def test_bad_settings_fail_with_a_clear_message(settings, message):
+    with pytest.raises(BenchmarkError, match=message):
+        run_benchmark(device="cpu", **settings)
