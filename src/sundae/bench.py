@@ -360,8 +360,9 @@ def benchmark_batch(*, prior: Hourglass, runner: nn.Module, tokenizer: VQGAN | N
     config = prior.config
     grid = tuple(config.latent_shape)
     labels = _class_labels(config, batch, device)
-    tokens = torch.randint(0, config.codebook_size, (batch, *grid), device=device,
-                           generator=torch.Generator(device=device).manual_seed(0))
+    with torch.inference_mode():  # an inference tensor, as the sampler's: a compiled forward serves both
+        tokens = torch.randint(0, config.codebook_size, (batch, *grid), device=device,
+                               generator=torch.Generator(device=device).manual_seed(0))
     options = benchmark_sampling_options(steps=steps, early_stop=early_stop)
     recorder = CallRecorder(runner, config)
 
@@ -381,6 +382,7 @@ def benchmark_batch(*, prior: Hourglass, runner: nn.Module, tokenizer: VQGAN | N
     warmup_options = benchmark_sampling_options(steps=min(steps, WARMUP_STEPS), early_stop=early_stop)
     for _ in range(warmup):
         run_sampler(warmup_options)
+        forward(runner)
     # a shared machine's speed drifts: each run is compared with the matmul rates measured just
     # before and after it, and the fractions are medians over runs
     rates = [measure_matmul_rate(*matmul_shape, dtype=dtype, device=device)]

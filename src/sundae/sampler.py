@@ -112,12 +112,22 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def _hash32_host(x: int) -> int:
+    """:func:`_hash32` of a Python int, computed on the host (bit-identical)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
 def uniform_noise(seeds: Tensor, step: int, stream: int, shape: tuple[int, ...]) -> Tensor:
     """Uniform numbers in (0, 1) of shape (B, *shape), a pure function of (seed, step, stream, index)."""
     numel = math.prod(shape)
     index = torch.arange(numel, device=seeds.device, dtype=torch.int64)
     key = _hash32(_hash32(seeds.to(torch.int64) & _MASK32) ^ (seeds.to(torch.int64) >> 32))
-    key = _hash32(key ^ _hash32(torch.tensor((step + 1) * 0x9E37 + stream * 0x85EB, device=seeds.device)))
+    key = _hash32(key ^ _hash32_host((step + 1) * 0x9E37 + stream * 0x85EB))  # host int: no device sync
     bits_a = _hash32(key[:, None] ^ _hash32(index * 2)[None, :])
     bits_b = _hash32(bits_a ^ _hash32(index * 2 + 1)[None, :])
     # 48 random bits -> a double strictly inside (0, 1)
