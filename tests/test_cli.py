@@ -113,3 +113,17 @@ def test_the_shipped_default_model_samples_with_no_model_argument(tmp_path):
     result = run("sample", "--out", out, "-n", 2, "--steps", 3, "--classes", "Trouser")
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (2 * 28 + 3 * 2, 28 + 2 * 2)
+
+
+def test_evaluate_on_the_shipped_default_with_its_dataset_extractor(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(real / f"{index}.png")
+    out = tmp_path / "report.json"
+    result = run("evaluate", "--real", real, "--num-samples", 10, "--steps", 2, "--nearest-k", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["extractor"].startswith("classifier:") and report["model"].startswith("default@sha256:")
+    assert report["num_fake"] == 10 and report["metrics"]["fid"] > 0
