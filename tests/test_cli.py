@@ -19,6 +19,14 @@ def image_path(tmp_path):
     return path
 
 
+def write_grey_images(folder, *, side: int, count: int = 12):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(folder / f"{index}.png")
+    return folder
+
+
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
@@ -88,11 +96,7 @@ def test_evaluate_and_sweep_write_reports(tiny_pipeline_dir, tmp_path):
 
     classifier = tmp_path / "classifier"
     SmallClassifier(ClassifierConfig(image_size=16, width=4, feature_dim=6)).save_pretrained(classifier)
-    real = tmp_path / "real"
-    real.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(12):
-        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(real / f"{index}.png")
+    real = write_grey_images(tmp_path / "real", side=16)
     out = tmp_path / "report.json"
     result = run("evaluate", tiny_pipeline_dir, "--real", real, "--extractor-path", classifier, "--num-samples", 10,
                  "--steps", 2, "--nearest-k", 2, "--out", out)
@@ -116,11 +120,7 @@ def test_the_shipped_default_model_samples_with_no_model_argument(tmp_path):
 
 
 def test_evaluate_on_the_shipped_default_with_its_dataset_extractor(tmp_path):
-    real = tmp_path / "real"
-    real.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(12):
-        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(real / f"{index}.png")
+    real = write_grey_images(tmp_path / "real", side=28)
     out = tmp_path / "report.json"
     result = run("evaluate", "--real", real, "--num-samples", 10, "--steps", 2, "--nearest-k", 2, "--out", out)
     assert result.exit_code == 0, result.output

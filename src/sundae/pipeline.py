@@ -74,13 +74,17 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in array]
 
 
+def open_image_file(path: str | os.PathLike, what: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    return Image.open(path)
+
+
 def image_to_tensor(image: ImageInput, channels: int) -> Tensor:
     """Any image input -> (1, channels, H, W) float in [-1, 1]."""
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} does not exist")
-        image = Image.open(path)
+        image = open_image_file(image, "image")
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     if isinstance(image, np.ndarray):
@@ -99,10 +103,7 @@ def image_to_tensor(image: ImageInput, channels: int) -> Tensor:
 def mask_to_tensor(mask: ImageInput, size: tuple[int, int]) -> Tensor:
     """A pixel mask (True/white = regenerate) -> (H, W) bool; its size must equal the image's."""
     if isinstance(mask, (str, os.PathLike)):
-        path = Path(mask)
-        if not path.is_file():
-            raise FileNotFoundError(f"mask file {path} does not exist")
-        mask = Image.open(path)
+        mask = open_image_file(mask, "mask")
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L")) >= 128
     mask = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask).bool()
