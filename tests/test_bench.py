@@ -3,7 +3,6 @@ counted as in closed form (CPU attention included), and the reported rates and f
 with each other."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,13 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sundae.bench import (
-    BenchmarkError, benchmark_sampling_options, count_flops, decode_in_tiles, measure_matmul_rate, prepare_prior,
+    benchmark_sampling_options, compile_mode_for, count_flops, measure_matmul_rate,
     result_filename, run_benchmark, write_json,
 )
-from sundae.config import HOURGLASS_PRESETS, VQGANConfig
+from sundae.config import HOURGLASS_PRESETS
 from sundae.denoiser import Hourglass
 from sundae.sampler import SamplingOptions, sample
-from sundae.tokenizer import VQGAN
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +29,23 @@ def stopping_model() -> Hourglass:
     return model
 
 
-def test_benchmarked_loop_gives_the_same_tokens_as_the_plain_loop(stopping_model):
+def test_optimised_loop_gives_the_same_tokens_as_the_plain_loop(stopping_model):
+    """Compiled whole step (fp32, CPU) + lazy compaction in power-of-two buckets == the plain eager loop."""
     seeds = [3, 1, 4, 1_000_003, 5, 9]
     plain = sample(stopping_model, options=SamplingOptions(steps=24, compaction_interval=1), num_samples=6,
                    grid_shape=(8, 8), seeds=seeds)
     options = benchmark_sampling_options(steps=24, early_stop=True)
     assert options.compaction_interval > 1
-    fast = sample(prepare_prior(stopping_model, compile=False, cuda_graphs=False), options=options, num_samples=6,
-                  grid_shape=(8, 8), seeds=seeds)
+    fast = sample(stopping_model, options=options, num_samples=6, grid_shape=(8, 8), seeds=seeds,
+                  compile_mode=compile_mode_for(compile=True, cuda_graphs=False))
     assert torch.equal(fast.tokens, plain.tokens)
     assert torch.equal(fast.steps_taken, plain.steps_taken)
     # the case worth testing: samples stop at different steps, some between two compactions
     assert len(set(plain.steps_taken.tolist())) > 1 and plain.steps_taken.max() < 24
     assert any(step % options.compaction_interval for step in plain.steps_taken.tolist())
+    # finished samples left the compiled batch, in power-of-two buckets only
+    assert fast.forward_rows[0] == 6 and fast.forward_rows[-1] < 6
+    assert set(fast.forward_rows[options.compaction_interval:]) <= {1, 2, 4}
 
 
 def test_flops_of_a_linear_stack_match_the_closed_form():
@@ -64,34 +66,6 @@ def test_cpu_attention_flops_are_counted():
 def test_matmul_rate_is_a_plausible_positive_rate():
     rate = measure_matmul_rate(64, 32, dtype=torch.float32, device=torch.device("cpu"), repeats=2)
     assert 1e6 < rate < 1e14
-
-
-class PatchDecoder:
-    """A stand-in tokenizer whose every token decodes to its own f×f patch: tiling it is exact."""
-
-    config = SimpleNamespace(downsample_factor=4)
-
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        patches = tokens.float().repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
-        return patches[:, None].expand(-1, 3, -1, -1)
-
-
-def test_tiles_are_stitched_in_place():
-    tokens = torch.randint(0, 100, (2, 7, 9))
-    whole = PatchDecoder().decode(tokens)
-    for tiles in (1, 2, 3, 7):
-        assert torch.equal(decode_in_tiles(PatchDecoder(), tokens, tiles=tiles, overlap=2), whole)
-    with pytest.raises(BenchmarkError, match="decode_tiles"):
-        decode_in_tiles(PatchDecoder(), tokens, tiles=8)
-
-
-def test_one_tile_is_plain_decoding():
-    torch.manual_seed(0)
-    tokenizer = VQGAN(VQGANConfig(resolution=16, channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
-                                  attention_resolutions=(), z_channels=32, embed_dim=8, codebook_size=16)).eval()
-    tokens = torch.randint(0, 16, (2, 6, 8))
-    with torch.inference_mode():
-        assert torch.equal(decode_in_tiles(tokenizer, tokens, tiles=1), tokenizer.decode(tokens))
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +151,11 @@ def test_result_file_round_trip_and_name(tiny_result, tmp_path):
 @pytest.mark.parametrize("settings, message", [
     ({"preset": "celeba"}, "no tokenizer"),
     ({"preset": "tiny", "batch_sizes": (0,)}, "batch sizes"),
-    ({"preset": "tiny", "dtype": "float16"}, "dtype"),
+    ({"preset": "tiny", "dtype": "float16"}, "precision must be"),
     ({"preset": "tiny", "cuda_graphs": True, "compile": True}, "CUDA"),
     ({"preset": "tiny", "repeats": 0}, "repeats"),
+    ({"preset": "tiny", "decode_tiles": 0}, "decode_tiles"),
 ])
 def test_bad_settings_fail_with_a_clear_message(settings, message):
-    with pytest.raises(BenchmarkError, match=message):
+    with pytest.raises(ValueError, match=message):  # BenchmarkError is a ValueError
         run_benchmark(device="cpu", **settings)

@@ -42,6 +42,17 @@ def test_sample_writes_grid_images_and_trajectory(tiny_pipeline_dir, tmp_path):
     assert "3 images" in result.output
 
 
+def test_sample_in_bfloat16_with_tiled_decoding(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    result = run("sample", tiny_pipeline_dir, "--out", out, "-n", 2, "--steps", 2, "--precision", "bfloat16",
+                 "--decode-tiles", 2)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    too_many = run("sample", tiny_pipeline_dir, "--out", out, "-n", 1, "--steps", 1, "--decode-tiles", 99)
+    assert too_many.exit_code == 2 and "decode_tiles must be between 1 and 8" in too_many.output
+    assert "sampling" not in too_many.output  # refused before any work
+
+
 def test_inpaint_outpaint_refine_write_results(tiny_pipeline_dir, image_path, tmp_path):
     mask = tmp_path / "mask.png"
     array = np.zeros((16, 16), dtype=np.uint8)

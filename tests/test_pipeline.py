@@ -92,3 +92,31 @@ def test_bad_inputs_give_clear_errors(pipe, picture, tmp_path):
         pipe.inpaint(tmp_path / "missing.png", np.ones((16, 16), dtype=bool))
     with pytest.raises(CheckpointError):
         SundaePipeline.from_pretrained(tmp_path)
+
+
+def test_bfloat16_decoder_holds_bf16_weights_and_decodes_close_to_float32(tiny_pipeline_dir):
+    full = SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+    half = SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cpu", precision="bfloat16")
+    assert full.dtype == torch.float32 and half.dtype == torch.bfloat16
+    assert half.tokenizer.decoder.conv_out.weight.dtype == torch.bfloat16
+    assert half.tokenizer.quantize.embedding.weight.dtype == torch.float32  # the codebook stays fp32
+    tokens = full(3, seed=4, steps=3, output_type="pt").tokens
+    exact, approximate = full.decode(tokens), half.decode(tokens)
+    assert approximate.dtype == torch.float32 and approximate.shape == exact.shape
+    assert 0 < (approximate - exact).abs().max() < 0.05
+    sampled = half(3, seed=4, steps=3, output_type="pt")  # the prior under bf16 autocast
+    assert sampled.tokens.shape == tokens.shape and sampled.images.isfinite().all()
+
+
+def test_decode_tiles_and_runtime_options_are_checked(tiny_pipeline_dir, monkeypatch):
+    tiled = SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cpu", decode_tiles=1)
+    plain = SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+    tokens = plain(2, seed=1, steps=2, output_type="pt").tokens
+    assert torch.equal(tiled.decode(tokens), plain.decode(tokens))
+    with pytest.raises(ValueError, match="decode_tiles"):
+        SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cpu", decode_tiles=0)
+    with pytest.raises(ValueError, match="precision"):
+        SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cpu", precision="float16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cuda")

@@ -9,7 +9,9 @@ from torch import nn
 
 from sundae.config import ConfigError, HOURGLASS_PRESETS
 from sundae.denoiser import Hourglass
-from sundae.sampler import SamplingOptions, categorical_from_uniform, filter_logits, sample, uniform_noise
+from sundae.sampler import (
+    SamplingOptions, categorical_from_uniform, filter_logits, rows_to_keep, sample, step_function, uniform_noise,
+)
 
 
 class PeakedDenoiser(nn.Module):
@@ -170,6 +172,44 @@ def test_noise_is_uniform_and_batch_independent():
     assert abs(float(noise.mean()) - 0.5) < 0.02 and abs(float(noise.std()) - 12 ** -0.5) < 0.01
     assert torch.equal(uniform_noise(seeds[1:], 2, 1, (4000,)), noise[1:])
     assert not torch.equal(uniform_noise(seeds, 3, 1, (4000,)), noise)
+
+
+def _lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_noise_equals_the_counter_hash_computed_in_plain_python():
+    """The device computation (precomputed position hashes, 16-bit split multiplies) is the hash itself."""
+    seeds = [7, 2**40 + 3, 2**62 - 1]
+    noise = uniform_noise(torch.tensor(seeds), step=5, stream=2, shape=(3, 4))
+    for row, seed in enumerate(seeds):
+        key = _lowbias32(_lowbias32(seed & 0xFFFFFFFF) ^ (seed >> 32))
+        key = _lowbias32(key ^ _lowbias32((5 + 1) * 0x9E37 + 2 * 0x85EB))
+        for index in range(12):
+            bits_a = _lowbias32(key ^ _lowbias32(2 * index))
+            bits_b = _lowbias32(bits_a ^ _lowbias32(2 * index + 1))
+            expected = ((bits_a >> 8) * 2**24 + (bits_b >> 8) + 0.5) / 2**48
+            assert noise[row].flatten()[index].item() == expected
+
+
+def test_compaction_keeps_active_rows_first_and_buckets_to_powers_of_two():
+    finished = torch.tensor([True, False, True, False, False, True, True])
+    assert rows_to_keep(finished, bucketed=False).tolist() == [1, 3, 4]
+    assert rows_to_keep(finished, bucketed=True).tolist() == [1, 3, 4, 0]  # 3 active -> 4 rows
+    assert rows_to_keep(torch.tensor([False, False, True, True]), bucketed=True).tolist() == [0, 1]
+    assert rows_to_keep(torch.tensor([False, True, False]), bucketed=True).tolist() == [0, 2]
+    assert rows_to_keep(torch.tensor([False, True, False, False]), bucketed=True) is None  # 3 active -> all 4 rows
+    assert rows_to_keep(torch.tensor([False, False]), bucketed=False) is None
+    assert rows_to_keep(torch.tensor([True, True]), bucketed=True).numel() == 0
+
+
+def test_unknown_compile_mode_is_rejected():
+    with pytest.raises(ValueError, match="compile_mode"):
+        step_function("fastest")
 
 
 def test_inverse_cdf_draws_match_the_distribution():

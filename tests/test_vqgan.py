@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 
 from sundae.checkpoint import CheckpointError
 from sundae.config import ConfigError, VQGANConfig
-from sundae.tokenizer.vqgan import VQGAN, AttnBlock, GumbelQuantizer, VectorQuantizer, codebook_statistics
+from sundae.tokenizer.vqgan import (
+    VQGAN, AttnBlock, GumbelQuantizer, VectorQuantizer, codebook_statistics, decode_in_tiles,
+)
 
 
 def tiny_config(downsample_factor: int = 4, **changes) -> VQGANConfig:
@@ -217,3 +220,31 @@ def test_truncated_weights_are_a_clear_error(tmp_path) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupted"):
         VQGAN.from_pretrained(directory)
+
+
+class PatchDecoder:
+    """A stand-in tokenizer whose every token decodes to its own f×f patch: tiling it is exact."""
+
+    config = SimpleNamespace(downsample_factor=4)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens.float().repeat_interleave(4, dim=1).repeat_interleave(4, dim=2)
+        return patches[:, None].expand(-1, 3, -1, -1)
+
+
+def test_tiles_are_stitched_in_place():
+    tokens = torch.randint(0, 100, (2, 7, 9))
+    whole = PatchDecoder().decode(tokens)
+    for tiles in (1, 2, 3, 7):
+        assert torch.equal(decode_in_tiles(PatchDecoder(), tokens, tiles=tiles, overlap=2), whole)
+    with pytest.raises(ValueError, match="decode tiles"):
+        decode_in_tiles(PatchDecoder(), tokens, tiles=8)
+
+
+def test_one_tile_is_plain_decoding():
+    torch.manual_seed(0)
+    tokenizer = VQGAN(VQGANConfig(resolution=16, channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+                                  attention_resolutions=(), z_channels=32, embed_dim=8, codebook_size=16)).eval()
+    tokens = torch.randint(0, 16, (2, 6, 8))
+    with torch.inference_mode():
+        assert torch.equal(decode_in_tiles(tokenizer, tokens, tiles=1), tokenizer.decode(tokens))

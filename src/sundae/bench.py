@@ -37,13 +37,15 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from sundae.config import HOURGLASS_PRESETS, VQGAN_PRESETS, HourglassConfig, VQGANConfig
 from sundae.config import preset as named_preset
 from sundae.denoiser import Hourglass, count_parameters
 from sundae.sampler import SampleOutput, SamplingOptions, sample
-from sundae.tokenizer import VQGAN
+from sundae.runtime import autocast, cast_decoder, resolve_device, resolve_precision
+from sundae.tokenizer import VQGAN, decode_in_tiles
 
 T = TypeVar("T")
 
@@ -58,7 +60,6 @@ COMPACTION_INTERVAL = 10  # with early stopping: one host sync per 10 steps inst
 WARMUP_STEPS = 3  # warm-up runs only trigger compilation, CUDA-graph capture and allocator growth
 MATMUL_REPEATS = 10
 MATMUL_MIN_SECONDS = 0.05  # per timed matmul measurement
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # how the CPU's OpenMP threads wait: on a shared machine spin-waiting collapses small parallel ops
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 
@@ -223,30 +224,6 @@ def load_average() -> list[float] | None:
 # --- the models and knobs --------------------------------------------------------------------
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchmarkError(f"device {device} was asked for but CUDA is not available; use device='cpu'")
-    return device
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``"auto"``: bfloat16 autocast on CUDA, float32 elsewhere."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise BenchmarkError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def build_prior(config: HourglassConfig, device: torch.device) -> Hourglass:
     """A prior with random weights: every multiply costs the same whatever the weights."""
     torch.manual_seed(0)
@@ -255,45 +232,44 @@ def build_prior(config: HourglassConfig, device: torch.device) -> Hourglass:
 
 def build_tokenizer(config: VQGANConfig, device: torch.device, *, dtype: torch.dtype,
                     channels_last: bool) -> VQGAN:
-    """A VQ-GAN with random weights; in a low-precision ``dtype`` its decoder runs in that dtype.
-
-    The decoder's convolutions and GroupNorms then run natively in bf16 (no autocast casts around
-    every GroupNorm), optionally channels-last for the tensor cores; the codebook stays fp32.
-    """
+    """A VQ-GAN with random weights whose decoder runs in ``dtype`` (:func:`sundae.runtime.cast_decoder`)."""
     torch.manual_seed(0)
-    tokenizer = VQGAN(config).to(device).eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for module in (tokenizer.post_quant_conv, tokenizer.decoder):
-        module.to(dtype=dtype, memory_format=memory_format)
-    return tokenizer
+    return cast_decoder(VQGAN(config).to(device).eval(), dtype, channels_last=channels_last)
 
 
-def prepare_prior(prior: Hourglass, *, compile: bool, cuda_graphs: bool) -> nn.Module:
-    """The module the sampler calls: ``prior`` itself or its compiled forward.
-
-    Compilation is for a fixed shape (``dynamic=False``): one compilation per batch size, done in
-    the warm-up. ``cuda_graphs`` replays each step's forward as one CUDA graph ("reduce-overhead"),
-    which removes the per-kernel launch cost that dominates small batches.
-    """
+def compile_mode_for(*, compile: bool, cuda_graphs: bool) -> str | None:
+    """The sampler's ``compile_mode``: the whole step (forward + sampling arithmetic) compiled for
+    its fixed shape in the warm-up, and with ``cuda_graphs`` replayed as one CUDA graph
+    ("reduce-overhead"), which removes the per-kernel launch cost that dominates small batches."""
     if cuda_graphs and not compile:
         raise BenchmarkError("cuda_graphs needs compile=True (graphs are captured by torch.compile)")
     if not compile:
-        return prior
-    return torch.compile(prior, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+        return None
+    return "reduce-overhead" if cuda_graphs else "default"
 
 
-class CallRecorder(nn.Module):
-    """Passes calls to ``model`` through and records each call's batch size (known on the host: no sync)."""
+def prepare_prior(prior: Hourglass, *, compile_mode: str | None) -> nn.Module:
+    """The prior's forward alone, compiled as the step is (for the forward-only timing)."""
+    return prior if compile_mode is None else torch.compile(prior, dynamic=False, mode=compile_mode)
 
-    def __init__(self, model: nn.Module, config: HourglassConfig) -> None:
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the ATen operators that run (views excluded): in eager mode, one kernel launch each."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.model = model
-        self.config = config
-        self.rows: list[int] = []
+        self.count = 0
 
-    def forward(self, tokens: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        self.rows.append(tokens.shape[0])
-        return self.model(tokens, class_labels)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(function: Callable[[], Any]) -> int:
+    with OperatorCounter() as counter:
+        function()
+    return counter.count
 
 
 def benchmark_sampling_options(*, steps: int, early_stop: bool) -> SamplingOptions:
@@ -304,39 +280,6 @@ def benchmark_sampling_options(*, steps: int, early_stop: bool) -> SamplingOptio
     """
     return SamplingOptions(steps=steps, early_stop=early_stop,
                            compaction_interval=COMPACTION_INTERVAL if early_stop else 1)
-
-
-def decode_in_tiles(tokenizer: VQGAN, tokens: Tensor, *, tiles: int, overlap: int = 2) -> Tensor:
-    """Decode ``tokens`` (B, h, w) as ``tiles × tiles`` pieces, each with ``overlap`` tokens of context.
-
-    Bounds the decoder's activation memory by one tile's. Approximate: attention and GroupNorm
-    statistics see only a tile and its margin, so seams may show; a speed/memory knob only.
-    """
-    height, width = tokens.shape[1:]
-    if not 1 <= tiles <= min(height, width):
-        raise BenchmarkError(f"decode_tiles must be between 1 and {min(height, width)} for a {height}x{width} "
-                             f"token grid, got {tiles}")
-    factor = tokenizer.config.downsample_factor
-    rows = [round(height * i / tiles) for i in range(tiles + 1)]
-    columns = [round(width * i / tiles) for i in range(tiles + 1)]
-    bands = []
-    for top, bottom in zip(rows, rows[1:]):
-        band = []
-        for left, right in zip(columns, columns[1:]):
-            top_margin, left_margin = min(overlap, top), min(overlap, left)
-            piece = tokens[:, top - top_margin:min(height, bottom + overlap),
-                           left - left_margin:min(width, right + overlap)]
-            image = tokenizer.decode(piece)
-            y, x = top_margin * factor, left_margin * factor
-            band.append(image[..., y:y + (bottom - top) * factor, x:x + (right - left) * factor])
-        bands.append(torch.cat(band, dim=-1))
-    return torch.cat(bands, dim=-2)
-
-
-def decode_tokens(tokenizer: VQGAN, tokens: Tensor, *, tiles: int | None) -> Tensor:
-    if tiles is None:
-        return tokenizer.decode(tokens)
-    return decode_in_tiles(tokenizer, tokens, tiles=tiles)
 
 
 # --- the benchmark ---------------------------------------------------------------------------
@@ -353,9 +296,9 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
 
 
-def benchmark_batch(*, prior: Hourglass, runner: nn.Module, tokenizer: VQGAN | None, batch: int, steps: int,
-                    early_stop: bool, dtype: torch.dtype, device: torch.device, repeats: int, warmup: int,
-                    decode_tiles: int | None) -> dict[str, Any]:
+def benchmark_batch(*, prior: Hourglass, forward_runner: nn.Module, compile_mode: str | None,
+                    tokenizer: VQGAN | None, batch: int, steps: int, early_stop: bool, dtype: torch.dtype,
+                    device: torch.device, repeats: int, warmup: int, decode_tiles: int | None) -> dict[str, Any]:
     """Every measurement at one batch size; see :func:`run_benchmark`."""
     config = prior.config
     grid = tuple(config.latent_shape)
@@ -364,38 +307,39 @@ def benchmark_batch(*, prior: Hourglass, runner: nn.Module, tokenizer: VQGAN | N
         tokens = torch.randint(0, config.codebook_size, (batch, *grid), device=device,
                                generator=torch.Generator(device=device).manual_seed(0))
     options = benchmark_sampling_options(steps=steps, early_stop=early_stop)
-    recorder = CallRecorder(runner, config)
 
-    def run_sampler(options: SamplingOptions) -> SampleOutput:
-        recorder.rows.clear()
+    def run_sampler(options: SamplingOptions, mode: str | None = compile_mode) -> SampleOutput:
         with autocast(device, dtype):
-            output = sample(recorder, options=options, num_samples=batch, grid_shape=grid, class_labels=labels,
-                            seeds=torch.arange(batch))
-        return output
+            return sample(prior, options=options, num_samples=batch, grid_shape=grid, class_labels=labels,
+                          seeds=torch.arange(batch), compile_mode=mode)
 
     def forward(model: nn.Module) -> Tensor:
         with torch.inference_mode(), autocast(device, dtype):
             return model(tokens, labels)
 
     flops_per_step = count_flops(lambda: forward(prior))
+    # eager ATen operators (kernel launches) per step: a two-step run minus a one-step run
+    one, two = (benchmark_sampling_options(steps=count, early_stop=False) for count in (1, 2))
+    operators_per_step = count_operators(lambda: run_sampler(two, None)) - count_operators(lambda: run_sampler(one, None))
+    forward_operators = count_operators(lambda: forward(prior))
     matmul_shape = (batch * math.prod(grid), config.dim)
     warmup_options = benchmark_sampling_options(steps=min(steps, WARMUP_STEPS), early_stop=early_stop)
     for _ in range(warmup):
         run_sampler(warmup_options)
-        forward(runner)
+        forward(forward_runner)
     # a shared machine's speed drifts: each run is compared with the matmul rates measured just
     # before and after it, and the fractions are medians over runs
     rates = [measure_matmul_rate(*matmul_shape, dtype=dtype, device=device)]
     runs = []
     for _ in range(repeats):
-        _, forward_seconds = time_call(lambda: forward(runner), device)
+        _, forward_seconds = time_call(lambda: forward(forward_runner), device)
         with track_peak_memory(device) as memory:
             output, seconds = time_call(lambda: run_sampler(options), device)
         rates.append(measure_matmul_rate(*matmul_shape, dtype=dtype, device=device))
         matmul_rate = (rates[-2] + rates[-1]) / 2
         # FLOPs are linear in the batch: samples removed by compaction cost nothing
-        flops_per_second = flops_per_step / batch * sum(recorder.rows) / seconds
-        runs.append({"seconds": seconds, "iterations": len(recorder.rows), "output": output, "memory": memory,
+        flops_per_second = flops_per_step / batch * sum(output.forward_rows) / seconds
+        runs.append({"seconds": seconds, "iterations": len(output.forward_rows), "output": output, "memory": memory,
                      "forward_seconds": forward_seconds, "matmul_rate": matmul_rate,
                      "flops_per_second": flops_per_second, "fraction": flops_per_second / matmul_rate,
                      "forward_fraction": flops_per_step / forward_seconds / matmul_rate})
@@ -416,6 +360,9 @@ def benchmark_batch(*, prior: Hourglass, runner: nn.Module, tokenizer: VQGAN | N
         "iterations": median["iterations"],
         "mean_steps_taken": output.steps_taken.float().mean().item(),
         "flops_per_step": flops_per_step,
+        "operators_per_step": operators_per_step,
+        "forward_operators": forward_operators,
+        "sampling_operators_per_step": operators_per_step - forward_operators,
         "flops_per_sample_step": flops_per_step / batch,
         "achieved_flops_per_second": median["flops_per_second"],
         "forward_flops_per_second": flops_per_step / forward_seconds,
@@ -449,7 +396,7 @@ def _benchmark_decode(tokenizer: VQGAN | None, tokens: Tensor, *, device: torch.
 
     def run() -> Tensor:
         with torch.inference_mode():
-            return decode_tokens(tokenizer, tokens, tiles=tiles)
+            return decode_in_tiles(tokenizer, tokens, tiles=tiles)
 
     decode_flops = count_flops(run)
     for _ in range(warmup):
@@ -485,8 +432,9 @@ def run_benchmark(
         batch_sizes: batch sizes to measure, one result each.
         dtype: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"float32"`` or ``"bfloat16"``; in bf16
             the decoder runs with bf16 weights.
-        compile: ``torch.compile`` the prior's forward for the fixed step shape (compiled in warm-up).
-        cuda_graphs: with ``compile``, replay each forward as a CUDA graph (CUDA only).
+        compile: ``torch.compile`` the whole sampling step (forward + sampling arithmetic) for its fixed
+            shape, compiled in the warm-up (:func:`sundae.sampler.step_function`).
+        cuda_graphs: with ``compile``, replay each step as a CUDA graph (CUDA only).
         early_stop: let samples stop on their own. With random weights this almost never triggers
             (the logits are nearly uniform, so some token always changes): the figures are then
             those of full T-step runs.
@@ -501,7 +449,7 @@ def run_benchmark(
     ``results`` (see the README in ``benchmarks/`` for every key) and a one-line ``summary``.
     """
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_precision(dtype, device)
     _check_settings(preset=preset, steps=steps, batch_sizes=batch_sizes, repeats=repeats, warmup=warmup,
                     cuda_graphs=cuda_graphs, device=device, tokenizer=tokenizer, decode_tiles=decode_tiles)
     prior_config = named_preset(preset, HOURGLASS_PRESETS)
@@ -513,12 +461,13 @@ def run_benchmark(
 
     load_before = load_average()
     prior = build_prior(prior_config, device)
-    runner = prepare_prior(prior, compile=compile, cuda_graphs=cuda_graphs)
+    compile_mode = compile_mode_for(compile=compile, cuda_graphs=cuda_graphs)
+    forward_runner = prepare_prior(prior, compile_mode=compile_mode)
     vqgan = None
     if decode:
         vqgan = build_tokenizer(tokenizer_config, device, dtype=torch_dtype, channels_last=channels_last)
     results = [
-        benchmark_batch(prior=prior, runner=runner, tokenizer=vqgan, batch=batch, steps=steps, early_stop=early_stop,
+        benchmark_batch(prior=prior, forward_runner=forward_runner, compile_mode=compile_mode, tokenizer=vqgan, batch=batch, steps=steps, early_stop=early_stop,
                         dtype=torch_dtype, device=device, repeats=repeats, warmup=warmup, decode_tiles=decode_tiles)
         for batch in batch_sizes
     ]
@@ -588,7 +537,8 @@ def summarize(result: dict[str, Any]) -> str:
             f"{_format_seconds(entry['prior_seconds'])}{decode_text} = {_format_seconds(entry['seconds_per_image'])}"
             f"/image ({entry['images_per_second']:.3g} images/s); prior {entry['achieved_flops_per_second'] / 1e9:.4g} "
             f"GFLOP/s = {entry['fraction_of_matmul_peak']:.2f} of matmul {entry['matmul_flops_per_second'] / 1e9:.4g} "
-            f"GFLOP/s (forward alone {entry['forward_fraction_of_matmul_peak']:.2f}){memory}"
+            f"GFLOP/s (forward alone {entry['forward_fraction_of_matmul_peak']:.2f}); {entry['operators_per_step']} eager "
+            f"ops/step{memory}"
         )
     return f"{head}: " + "; ".join(parts)
 
@@ -611,6 +561,7 @@ def result_filename(result: dict[str, Any], suffix: str | None = None) -> str:
 
 
 __all__ = [
-    "BenchmarkError", "PRESET_TOKENIZERS", "benchmark_sampling_options", "count_flops", "decode_in_tiles",
-    "measure_matmul_rate", "prepare_prior", "result_filename", "run_benchmark", "summarize", "write_json",
+    "BenchmarkError", "PRESET_TOKENIZERS", "benchmark_sampling_options", "compile_mode_for", "count_flops",
+    "count_operators", "measure_matmul_rate", "prepare_prior", "result_filename", "run_benchmark", "summarize",
+    "write_json",
 ]

@@ -77,12 +77,23 @@ def sampling_options(defaults: dict[str, Any]) -> Callable:
                          help="Steps before a sample may stop on its own."),
             click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i."),
             click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+            *RUNTIME_OPTIONS,
         ]
         for option in reversed(options):
             function = option(function)
         return function
 
     return decorate
+
+
+RUNTIME_OPTIONS = [
+    click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+                 help="auto: bf16 on CUDA (prior autocast, bf16 decoder), fp32 on CPU."),
+    click.option("--compile", is_flag=True,
+                 help="torch.compile the sampling step (CUDA graphs on CUDA); pays off for many images."),
+    click.option("--decode-tiles", type=int, default=None,
+                 help="Decode in n x n tiles to save memory (approximate at the seams)."),
+]
 
 
 SAMPLING_KEYS = ("steps", "temperature", "end_temperature", "temperature_schedule", "proportion", "end_proportion",
@@ -93,13 +104,14 @@ def split_sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: kwargs.pop(key) for key in SAMPLING_KEYS}
 
 
-def load_pipeline(model_dir: str | None, device: str | None):
+def load_pipeline(model_dir: str | None, device: str | None, **runtime: Any):
+    """The pipeline in ``model_dir`` (default: the shipped model); ``runtime``: the RUNTIME_OPTIONS values."""
     from sundae.pipeline import SundaePipeline
 
     directory = Path(model_dir) if model_dir else DEFAULT_MODEL
     if not directory.exists():
         _fail(f"model directory {directory} does not exist")
-    return SundaePipeline.from_pretrained(directory, device=device)
+    return SundaePipeline.from_pretrained(directory, device=device, **runtime)
 
 
 def parse_classes(value: str | None) -> list[str] | None:
@@ -149,7 +161,7 @@ def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | 
     options = split_sampling_kwargs(kwargs)
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
-    pipe = load_pipeline(model_dir, device)
+    pipe = load_pipeline(model_dir, device, **kwargs)
     labels = parse_classes(classes)
     if labels is not None:
         labels = [labels[i % len(labels)] for i in range(num_images)]
@@ -243,7 +255,7 @@ def inpaint(image: str, mask: str | None, box: str | None, mask_rule: str, out: 
             **kwargs: Any) -> None:
     """Regenerate a masked region of IMAGE (several fills side by side)."""
     options = split_sampling_kwargs(kwargs)
-    pipe = load_pipeline(model_dir, device)
+    pipe = load_pipeline(model_dir, device, **kwargs)
     started = time.perf_counter()
     result = pipe.inpaint(image, resolve_mask(pipe, image, mask, box), num_images=num_images, mask_rule=mask_rule,
                           class_labels=_labels_for(classes, num_images), seed=seed, **options)
@@ -263,7 +275,7 @@ def refine(image: str, mask: str | None, box: str | None, mask_rule: str, streng
            **kwargs: Any) -> None:
     """Re-sample a masked region of IMAGE starting from its current content."""
     options = split_sampling_kwargs(kwargs)
-    pipe = load_pipeline(model_dir, device)
+    pipe = load_pipeline(model_dir, device, **kwargs)
     started = time.perf_counter()
     result = pipe.refine(image, resolve_mask(pipe, image, mask, box), strength=strength, num_images=num_images,
                          mask_rule=mask_rule, class_labels=_labels_for(classes, num_images), seed=seed, **options)
@@ -284,7 +296,7 @@ def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path
              **kwargs: Any) -> None:
     """Extend IMAGE's canvas on any side and fill the new area."""
     options = split_sampling_kwargs(kwargs)
-    pipe = load_pipeline(model_dir, device)
+    pipe = load_pipeline(model_dir, device, **kwargs)
     started = time.perf_counter()
     result = pipe.outpaint(image, left=left, top=top, right=right, bottom=bottom, num_images=num_images,
                            class_labels=_labels_for(classes, num_images), seed=seed, **options)
@@ -298,14 +310,16 @@ def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="Also save every result here (server-made file names only).")
 @click.option("--device", default=None)
+@RUNTIME_OPTIONS[0]
 @user_errors
-def serve(model_dir: str | None, host: str, port: int, output_dir: str | None, device: str | None) -> None:
+def serve(model_dir: str | None, host: str, port: int, output_dir: str | None, device: str | None,
+          precision: str) -> None:
     """Run the local web app: generate with a live preview, paint masks, inpaint/refine/outpaint."""
     try:
         from sundae.app.server import serve as run_server
     except ImportError as error:
         raise ValueError(f"the web app needs its extra dependencies: pip install -e '.[app]' ({error})") from None
-    run_server(model_dir, host=host, port=port, output_dir=output_dir, device=device)
+    run_server(model_dir, host=host, port=port, output_dir=output_dir, device=device, precision=precision)
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -360,7 +374,7 @@ def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: s
     if fake is not None:
         report = evaluate_images(fake, real, features, batch_size=batch_size, nearest_k=nearest_k, cache_dir=cache_dir)
     else:
-        pipe = load_pipeline(model_dir, device)
+        pipe = load_pipeline(model_dir, device, **kwargs)
         report = evaluate_model(pipe, real_images=real, extractor=features, num_samples=num_samples,
                                 sampling_options=options, seed=seed, batch_size=batch_size, progress=True,
                                 nearest_k=nearest_k, cache_dir=cache_dir,
@@ -393,7 +407,7 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
     except ValueError:
         raise ValueError(f"--values must be comma-separated numbers, got {values!r}") from None
     options = split_sampling_kwargs(kwargs)
-    pipe = load_pipeline(model_dir, device)
+    pipe = load_pipeline(model_dir, device, **kwargs)
     results = run_sweep(pipe, real, build_extractor(extractor, extractor_path, batch_size, device),
                         parameter=parameter, values=points, num_samples=num_samples, base_options=options, seed=seed,
                         batch_size=batch_size, cache_dir=cache_dir, nearest_k=nearest_k, progress=True,

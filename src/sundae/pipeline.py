@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from sundae.checkpoint import CheckpointError, read_json
 from sundae.denoiser import Hourglass
 from sundae.sampler import SampleOutput, SamplingOptions, sample, seeds_from_generator, uniform_noise
+from sundae.runtime import autocast, cast_decoder, resolve_device, resolve_precision
 from sundae.tokenizer.pixels import PixelTokenizer
+from sundae.tokenizer.vqgan import decode_in_tiles
 
 ImageInput = Image.Image | Tensor | np.ndarray | str | os.PathLike
 TOKENIZER_SUBDIR = "tokenizer"
@@ -62,10 +64,13 @@ def load_decoder_for(dataset, device: torch.device | str) -> nn.Module:
 
 
 @torch.inference_mode()
-def decode_tokens_to_images(tokens: Tensor, tokenizer: nn.Module, batch_size: int = 32) -> Tensor:
-    """Decode (B, h, w) tokens into images (B, C, H, W) in [-1, 1], in chunks to bound memory."""
+def decode_tokens_to_images(tokens: Tensor, tokenizer: nn.Module, batch_size: int = 32,
+                            tiles: int | None = None) -> Tensor:
+    """Decode (B, h, w) tokens into images (B, C, H, W) in [-1, 1], in chunks (and optionally
+    ``tiles × tiles`` tiles, :func:`~sundae.tokenizer.vqgan.decode_in_tiles`) to bound memory."""
     device = module_device(tokenizer)
-    chunks = [tokenizer.decode(chunk.to(device)).float().clamp(-1, 1).cpu() for chunk in tokens.split(batch_size)]
+    chunks = [decode_in_tiles(tokenizer, chunk.to(device), tiles=tiles).float().clamp(-1, 1).cpu()
+              for chunk in tokens.split(batch_size)]
     return torch.cat(chunks)
 
 
@@ -152,23 +157,41 @@ def _loose_name(name: str) -> str:
 
 
 class SundaePipeline:
-    """Sampling, inpainting, outpainting and refinement with a prior and its tokenizer."""
+    """Sampling, inpainting, outpainting and refinement with a prior and its tokenizer.
+
+    How it runs (:mod:`sundae.runtime`): ``precision`` "auto" is bf16 on CUDA (the prior under
+    autocast, the decoder with bf16 weights, channels-last) and fp32 elsewhere; ``compile`` compiles
+    the whole sampling step for its fixed shape, replayed as a CUDA graph on CUDA (same tokens;
+    the first call per batch size pays the compilation); ``decode_tiles`` decodes in n × n tiles
+    when memory is short (approximate at the seams).
+    """
 
     def __init__(self, prior: Hourglass, tokenizer: nn.Module, *, class_names: list[str] | None = None,
-                 name: str = "sundae") -> None:
+                 name: str = "sundae", precision: str = "auto", compile: bool = False,
+                 decode_tiles: int | None = None) -> None:
         self.prior = prior.eval()
         self.tokenizer = tokenizer.eval()
         self.class_names = class_names
         self.name = name
+        self.dtype = resolve_precision(precision, self.device)
+        cast_decoder(self.tokenizer, self.dtype, channels_last=self.device.type == "cuda")
+        self.compile_mode = ("reduce-overhead" if self.device.type == "cuda" else "default") if compile else None
+        height, width = prior.config.latent_shape
+        if decode_tiles is not None and not 1 <= decode_tiles <= min(height, width):
+            raise ValueError(f"decode_tiles must be between 1 and {min(height, width)} for this model's {height}x{width} "
+                             f"token grid, got {decode_tiles}")
+        self.decode_tiles = decode_tiles
 
     # --- persistence ------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> "SundaePipeline":
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
+                        **runtime: Any) -> "SundaePipeline":
+        """Load a pipeline directory; ``runtime``: ``precision``, ``compile``, ``decode_tiles`` (see the class)."""
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory} is not a sundae model directory (no config.json)")
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         prior = Hourglass.from_pretrained(directory, map_location=device)
         tokenizer_dir = directory / TOKENIZER_SUBDIR
         tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir.is_dir() else None, device)
@@ -177,7 +200,7 @@ class SundaePipeline:
         if data.get("codebook_size", prior.config.codebook_size) != tokenizer.config.codebook_size:
             raise CheckpointError(f"{directory}: the prior's codebook ({prior.config.codebook_size}) does not match "
                                   f"its tokenizer's ({tokenizer.config.codebook_size})")
-        return cls(prior, tokenizer, class_names=data.get("class_names"), name=directory.name)
+        return cls(prior, tokenizer, class_names=data.get("class_names"), name=directory.name, **runtime)
 
     def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         directory = Path(directory)
@@ -244,8 +267,17 @@ class SundaePipeline:
             raise ValueError(f"got {len(class_labels)} class labels for {count} images")
         return torch.tensor([self.class_index(label) for label in class_labels], dtype=torch.long)
 
+    def _sample(self, options: SamplingOptions, **inputs: Any) -> SampleOutput:
+        """The sampler, in this pipeline's precision and compile mode."""
+        with autocast(self.device, self.dtype):
+            return sample(self.prior, options=options, compile_mode=self.compile_mode, **inputs)
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Tokens (B, h, w) -> images (B, C, H, W) in [-1, 1] on the CPU, tiled as configured."""
+        return decode_tokens_to_images(tokens, self.tokenizer, tiles=self.decode_tiles)
+
     def _finish(self, output: SampleOutput, output_type: str) -> PipelineOutput:
-        images = decode_tokens_to_images(output.tokens, self.tokenizer)
+        images = self.decode(output.tokens)
         return PipelineOutput(images=to_pil(images) if output_type == "pil" else images, tokens=output.tokens.cpu(),
                               steps_taken=output.steps_taken.cpu(), trajectory=output.trajectory)
 
@@ -260,11 +292,11 @@ class SundaePipeline:
         """
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
-        output = sample(self.prior, options=SamplingOptions(**options), num_samples=num_images,
-                        grid_shape=grid_shape or tuple(self.prior.config.latent_shape),
-                        class_labels=self._labels(class_labels, num_images),
-                        seeds=self._seeds(num_images, seed, generator), callback=callback,
-                        return_trajectory=return_trajectory)
+        output = self._sample(SamplingOptions(**options), num_samples=num_images,
+                              grid_shape=grid_shape or tuple(self.prior.config.latent_shape),
+                              class_labels=self._labels(class_labels, num_images),
+                              seeds=self._seeds(num_images, seed, generator), callback=callback,
+                              return_trajectory=return_trajectory)
         return self._finish(output, output_type)
 
     @torch.inference_mode()
@@ -283,10 +315,10 @@ class SundaePipeline:
         """Sample with ``token_mask`` free and everything else pinned; optionally paste known pixels back."""
         num_images = seeds.shape[0]
         tokens = tokens.expand(num_images, -1, -1)
-        output = sample(self.prior, options=SamplingOptions(**{**INPAINT_DEFAULTS, **options}), tokens=tokens,
-                        randomize_mask=randomize.expand_as(tokens), keep_mask=~token_mask.expand_as(tokens),
-                        class_labels=self._labels(class_labels, num_images), seeds=seeds, callback=callback)
-        images = decode_tokens_to_images(output.tokens, self.tokenizer)
+        output = self._sample(SamplingOptions(**{**INPAINT_DEFAULTS, **options}), tokens=tokens,
+                              randomize_mask=randomize.expand_as(tokens), keep_mask=~token_mask.expand_as(tokens),
+                              class_labels=self._labels(class_labels, num_images), seeds=seeds, callback=callback)
+        images = self.decode(output.tokens)
         if paste_back:
             images = torch.where(pixel_mask.to(images.device), images, pixels.to(images.device).expand_as(images))
         return PipelineOutput(images=to_pil(images) if output_type == "pil" else images, tokens=output.tokens.cpu(),

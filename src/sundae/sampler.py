@@ -12,12 +12,18 @@ Randomness is counter-based: every random number is a hash of (sample seed, step
 position) computed on the device. Hence a sample depends only on its own seed, never on the batch
 it is in or on which other samples have stopped, and the loop needs no host-device
 synchronisation except at the (optional, periodic) batch compaction.
+
+One step is one function, :func:`denoising_step`, of tensors only (the schedules are tables on
+the device, indexed by step), so it can be compiled for its fixed shape with ``torch.compile``
+(``compile_mode``), network forward and sampling arithmetic together, and on CUDA replayed as one
+CUDA graph (``compile_mode="reduce-overhead"``). The compiled step computes the same tokens as the
+plain one (tests/test_sampler.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -88,6 +94,7 @@ class SampleOutput:
     tokens: Tensor  # (B, h, w) long
     steps_taken: Tensor  # (B,) long: the step count after which each sample stopped
     trajectory: list[Tensor] | None = None  # per step, (B, h, w) on CPU, when asked for
+    forward_rows: list[int] = field(default_factory=list)  # samples in the forward batch at each step run
 
 
 StepCallback = Callable[[int, Tensor, Tensor], None]  # (step, tokens (B, h, w), finished (B,) bool)
@@ -122,17 +129,36 @@ def _hash32_host(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def seed_keys(seeds: Tensor) -> Tensor:
+    """Each sample's 32-bit hash key, from its 64-bit seed: computed once per sampling call."""
+    seeds = seeds.to(torch.int64)
+    return _hash32(_hash32(seeds & _MASK32) ^ (seeds >> 32))
+
+
+def step_key(step: int, stream: int) -> int:
+    """The key of one (step, stream) pair, hashed on the host: no device work, no sync."""
+    return _hash32_host((step + 1) * 0x9E37 + stream * 0x85EB)
+
+
+def position_hashes(numel: int, device: torch.device | str) -> Tensor:
+    """The two hashes of every position index, (2, numel): step-independent, so computed once per call."""
+    index = torch.arange(numel, device=device, dtype=torch.int64)
+    return torch.stack((_hash32(index * 2), _hash32(index * 2 + 1)))
+
+
+def uniform_from_keys(keys: Tensor, key_of_step: Tensor | int, hashes: Tensor) -> Tensor:
+    """Uniform numbers in (0, 1) of shape (B, numel) from :func:`seed_keys`, :func:`step_key` and
+    :func:`position_hashes`: 48 random bits per position, as a double strictly inside (0, 1)."""
+    key = _hash32(keys ^ key_of_step)
+    bits_a = _hash32(key[:, None] ^ hashes[0][None, :])
+    bits_b = _hash32(bits_a ^ hashes[1][None, :])
+    return ((bits_a >> 8).double() * 2.0**24 + (bits_b >> 8).double() + 0.5) / 2.0**48
+
+
 def uniform_noise(seeds: Tensor, step: int, stream: int, shape: tuple[int, ...]) -> Tensor:
     """Uniform numbers in (0, 1) of shape (B, *shape), a pure function of (seed, step, stream, index)."""
-    numel = math.prod(shape)
-    index = torch.arange(numel, device=seeds.device, dtype=torch.int64)
-    key = _hash32(_hash32(seeds.to(torch.int64) & _MASK32) ^ (seeds.to(torch.int64) >> 32))
-    key = _hash32(key ^ _hash32_host((step + 1) * 0x9E37 + stream * 0x85EB))  # host int: no device sync
-    bits_a = _hash32(key[:, None] ^ _hash32(index * 2)[None, :])
-    bits_b = _hash32(bits_a ^ _hash32(index * 2 + 1)[None, :])
-    # 48 random bits -> a double strictly inside (0, 1)
-    value = ((bits_a >> 8).double() * 2.0**24 + (bits_b >> 8).double() + 0.5) / 2.0**48
-    return value.view(seeds.shape[0], *shape)
+    hashes = position_hashes(math.prod(shape), seeds.device)
+    return uniform_from_keys(seed_keys(seeds), step_key(step, stream), hashes).view(seeds.shape[0], *shape)
 
 
 def seeds_from_generator(count: int, generator: torch.Generator | None) -> Tensor:
@@ -177,6 +203,59 @@ def _guided_logits(model: nn.Module, tokens: Tensor, labels: Tensor | None, null
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+def denoising_step(model: nn.Module, tokens: Tensor, labels: Tensor | None, keys: Tensor, hashes: Tensor,
+                   step_keys: Tensor, temperature: Tensor, proportion: Tensor, frozen: Tensor, finished: Tensor, *,
+                   null_class: int | None, guidance_scale: float, top_k: int | None,
+                   top_p: float | None) -> tuple[Tensor, Tensor]:
+    """One sampling step (paper §3.4): new tokens (B, h, w) and which unfinished samples it left unchanged (B,).
+
+    Logits at ``temperature`` give a proposal per position (inverse-CDF draw on the stream
+    ``step_keys[0]``); a ``proportion`` of the positions (stream ``step_keys[1]``) take it, except
+    ``frozen`` positions and ``finished`` samples. Tensors only, so that it compiles for a fixed shape.
+    """
+    logits = _guided_logits(model, tokens, labels, null_class, guidance_scale)
+    logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+    proposal = categorical_from_uniform(logits, uniform_from_keys(keys, step_keys[0], hashes).view_as(tokens))
+    update = uniform_from_keys(keys, step_keys[1], hashes).view_as(tokens) < proportion
+    update &= ~frozen & ~finished[:, None, None]
+    new_tokens = torch.where(update, proposal, tokens)
+    unchanged = (new_tokens == tokens).flatten(1).all(dim=1) & ~finished
+    return new_tokens, unchanged
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_compiled_steps: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def step_function(compile_mode: str | None) -> Callable[..., tuple[Tensor, Tensor]]:
+    """:func:`denoising_step`, or its ``torch.compile`` for fixed shapes (one compilation per batch size).
+
+    ``"reduce-overhead"`` replays each step as a CUDA graph on CUDA: the step's few hundred kernel
+    launches become one, which is what bounds small batches on a fast GPU.
+    """
+    if compile_mode is None:
+        return denoising_step
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be None or one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+    if compile_mode not in _compiled_steps:
+        _compiled_steps[compile_mode] = torch.compile(denoising_step, dynamic=False, mode=compile_mode)
+    return _compiled_steps[compile_mode]
+
+
+def rows_to_keep(finished: Tensor, *, bucketed: bool) -> Tensor | None:
+    """At a compaction, the rows to keep (active ones first), or None to keep them all (one host sync).
+
+    ``bucketed`` (compiled steps) keeps a power-of-two number of rows, padding with finished
+    samples, which stay frozen: a compiled step then sees at most log2(B) + 1 batch sizes.
+    """
+    size = finished.shape[0]
+    active = int((~finished).sum())
+    target = min(size, 1 << (active - 1).bit_length()) if bucketed and active else active
+    if target == size:
+        return None
+    return torch.argsort(finished.to(torch.uint8), stable=True)[:target]
+
+
 def _check_inputs(model: nn.Module, tokens: Tensor, labels: Tensor | None, keep_mask: Tensor | None,
                   codebook_size: int, num_classes: int | None) -> None:
     if tokens.dim() != 3:
@@ -209,6 +288,7 @@ def sample(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     return_trajectory: bool = False,
+    compile_mode: str | None = None,
 ) -> SampleOutput:
     """Draw token grids from a SUNDAE denoiser.
 
@@ -225,6 +305,9 @@ def sample(
             seeds are drawn from ``generator`` (a ``torch.Generator``; None = the global RNG).
         callback: called after every step with (step, current tokens of the whole batch, finished).
         return_trajectory: keep a CPU copy of the tokens after every step.
+        compile_mode: None (eager) or a ``torch.compile`` mode for the whole step (:func:`step_function`);
+            ``"reduce-overhead"`` adds CUDA graphs on CUDA. Same tokens as eager; compiles once per
+            batch size, and finished samples then leave in power-of-two buckets (:func:`rows_to_keep`).
     """
     config = model.config
     device = next(model.parameters()).device
@@ -247,32 +330,44 @@ def sample(
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
     if seeds.shape != (batch,):
         raise ValueError(f"need one seed per sample ({batch}), got {tuple(seeds.shape)}")
-    seeds = seeds.to(device)
+    step = step_function(compile_mode)
+    keys = seed_keys(seeds.to(device))
     grid = tuple(tokens.shape[1:])
+    hashes = position_hashes(math.prod(grid), device)
 
     if randomize_mask is not None:
-        random_tokens = (uniform_noise(seeds, -1, _STREAM_INIT, grid) * codebook_size).long().clamp_(max=codebook_size - 1)
+        uniform = uniform_from_keys(keys, step_key(-1, _STREAM_INIT), hashes).view(batch, *grid)
+        random_tokens = (uniform * codebook_size).long().clamp_(max=codebook_size - 1)
         tokens = torch.where(randomize_mask.to(device), random_tokens, tokens)
     frozen = torch.zeros_like(tokens, dtype=torch.bool) if keep_mask is None else keep_mask.to(device).bool()
+    # the schedules as tables on the device: a step reads its row, no host-to-device copy per step
+    temperatures = torch.tensor([options.temperature_at(i) for i in range(options.steps)], device=device)
+    proportions = torch.tensor([options.proportion_at(i) for i in range(options.steps)], dtype=torch.float64,
+                               device=device)
+    step_keys = torch.tensor([[step_key(i, _STREAM_DRAW), step_key(i, _STREAM_UPDATE)] for i in range(options.steps)],
+                             dtype=torch.int64, device=device)
+    constants = {"null_class": config.null_class, "guidance_scale": options.guidance_scale, "top_k": options.top_k,
+                 "top_p": options.top_p}
+    graphed = device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graphs
 
     final = tokens.clone()
     steps_taken = torch.full((batch,), options.steps, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # original index of each active row
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # per active row
     trajectory: list[Tensor] | None = [] if return_trajectory else None
+    forward_rows: list[int] = []
 
-    for step in range(options.steps):
-        logits = _guided_logits(model, tokens, labels, config.null_class, options.guidance_scale)
-        logits = filter_logits(logits / options.temperature_at(step), top_k=options.top_k, top_p=options.top_p)
-        proposal = categorical_from_uniform(logits, uniform_noise(seeds, step, _STREAM_DRAW, grid))
-        update = uniform_noise(seeds, step, _STREAM_UPDATE, grid) < options.proportion_at(step)
-        update &= ~frozen & ~finished[:, None, None]
-        new_tokens = torch.where(update, proposal, tokens)
-
-        if options.early_stop and step + 1 > options.min_steps:
-            unchanged = (new_tokens == tokens).flatten(1).all(dim=1) & ~finished
-            steps_taken[rows] = torch.where(unchanged, step + 1, steps_taken[rows])
-            finished |= unchanged
+    for index in range(options.steps):
+        forward_rows.append(tokens.shape[0])
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+        new_tokens, unchanged = step(model, tokens, labels, keys, hashes, step_keys[index], temperatures[index],
+                                     proportions[index], frozen, finished, **constants)
+        if graphed:  # a CUDA graph's outputs are overwritten by its next replay
+            new_tokens, unchanged = new_tokens.clone(), unchanged.clone()
+        if options.early_stop and index + 1 > options.min_steps:
+            steps_taken[rows] = torch.where(unchanged, index + 1, steps_taken[rows])
+            finished = finished | unchanged
         tokens = new_tokens
 
         if callback is not None or trajectory is not None:
@@ -280,16 +375,16 @@ def sample(
             if callback is not None:
                 done = torch.ones(batch, dtype=torch.bool, device=device)
                 done[rows] = finished
-                callback(step, final, done)
+                callback(index, final, done)
             if trajectory is not None:
                 trajectory.append(final.to("cpu", copy=True))
-        if options.early_stop and (step + 1) % options.compaction_interval == 0:
+        if options.early_stop and (index + 1) % options.compaction_interval == 0:
             final[rows] = tokens
-            keep = ~finished
-            if not bool(keep.all()):  # one host sync per compaction
-                if not bool(keep.any()):
+            keep = rows_to_keep(finished, bucketed=compile_mode is not None)
+            if keep is not None:
+                if keep.numel() == 0:
                     break
-                tokens, rows, finished, seeds, frozen = tokens[keep], rows[keep], finished[keep], seeds[keep], frozen[keep]
+                tokens, rows, finished, keys, frozen = tokens[keep], rows[keep], finished[keep], keys[keep], frozen[keep]
                 labels = None if labels is None else labels[keep]
     final[rows] = tokens
-    return SampleOutput(tokens=final, steps_taken=steps_taken, trajectory=trajectory)
+    return SampleOutput(tokens=final, steps_taken=steps_taken, trajectory=trajectory, forward_rows=forward_rows)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from sundae.app.validation import MAX_BATCH_PIXELS, MAX_IMAGE_SIDE, RequestError
 from sundae.app.worker import Job
-from sundae.pipeline import PipelineOutput, SundaePipeline, decode_tokens_to_images, to_pil
+from sundae.pipeline import PipelineOutput, SundaePipeline, to_pil
 from sundae.sampler import SamplingOptions
 
 SAMPLING_KEYS = ("steps", "temperature", "end_temperature", "proportion", "guidance_scale", "early_stop")
@@ -150,7 +150,7 @@ def generate(pipeline: SundaePipeline, request: dict[str, Any], job: Job,
         if not schedule.due():
             return
         started = time.perf_counter()
-        images = to_pil(decode_tokens_to_images(tokens, pipeline.tokenizer))
+        images = to_pil(pipeline.decode(tokens))
         job.emit({"event": "preview", "step": step + 1, "finished": finished.tolist(),
                   "images": [png_data_url(image) for image in images]})
         schedule.record(started)

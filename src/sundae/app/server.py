@@ -192,22 +192,24 @@ def allowed_hosts_for(host: str) -> list[str]:
     return list(dict.fromkeys([*LOOPBACK_HOSTS, host]))
 
 
-def load_pipeline(model_dir: str | os.PathLike | None, device: str | None = None) -> SundaePipeline:
+def load_pipeline(model_dir: str | os.PathLike | None, device: str | None = None,
+                  precision: str = "auto") -> SundaePipeline:
     """The model in ``model_dir``, or the shipped default model."""
     from sundae.cli import DEFAULT_MODEL  # the CLI imports this module lazily, so no import cycle
 
     directory = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist; give a SundaePipeline directory")
-    return SundaePipeline.from_pretrained(directory, device=device)
+    return SundaePipeline.from_pretrained(directory, device=device, precision=precision)
 
 
 def serve(model_dir: str | os.PathLike | None = None, *, host: str = "127.0.0.1", port: int = 7860,
-          output_dir: str | os.PathLike | None = None, device: str | None = None) -> None:
-    """Run the web app until interrupted (CUDA when available). Binds loopback unless ``host`` says otherwise."""
+          output_dir: str | os.PathLike | None = None, device: str | None = None, precision: str = "auto") -> None:
+    """Run the web app until interrupted (CUDA when available, in bf16 there by default). Binds loopback unless
+    ``host`` says otherwise."""
     import uvicorn
 
-    pipeline = load_pipeline(model_dir, device)
+    pipeline = load_pipeline(model_dir, device, precision)
     app = create_app(pipeline, output_dir=output_dir, allowed_hosts=allowed_hosts_for(host))
     if host not in LOOPBACK_HOSTS:
         logger.warning("serving on %s: anyone who can reach this address can use the model (there is no login)", host)

@@ -17,10 +17,11 @@ from sundae.tokenizer.vqgan import (
     QuantizerOutput,
     VectorQuantizer,
     VQGANOutput,
+    decode_in_tiles,
 )
 
 __all__ = [
     "VQGAN", "VQGANOutput", "Encoder", "Decoder", "VectorQuantizer", "GumbelQuantizer", "QuantizerOutput",
     "UnsafeCheckpointError", "load_taming_state_dict", "convert_taming_state_dict", "config_from_taming_yaml",
-    "infer_config_from_state_dict", "load_taming_vqgan", "convert_taming",
+    "infer_config_from_state_dict", "load_taming_vqgan", "convert_taming", "decode_in_tiles",
 ]

@@ -458,3 +458,34 @@ class VQGAN(nn.Module, PretrainedMixin):
         from sundae.tokenizer.taming import load_taming_vqgan  # taming.py imports this module
 
         return load_taming_vqgan(checkpoint_path, config_path=config_path, preset=preset)
+
+
+def decode_in_tiles(tokenizer: nn.Module, tokens: Tensor, *, tiles: int | None, overlap: int = 2) -> Tensor:
+    """Decode ``tokens`` (B, h, w) as ``tiles × tiles`` pieces, each with ``overlap`` tokens of context
+    on every inner side; ``tiles`` None or 1 is the plain ``tokenizer.decode``.
+
+    Bounds the decoder's activation memory by one tile's (a 1024² image in 2 × 2 tiles needs about
+    a quarter of the memory). Approximate: attention and GroupNorm statistics see only a tile and
+    its margin, so faint seams may show; use it when memory is short, not by default.
+    """
+    if tiles is None or tiles == 1:
+        return tokenizer.decode(tokens)
+    height, width = tokens.shape[1:]
+    if not 1 <= tiles <= min(height, width):
+        raise ValueError(f"decode tiles must be between 1 and {min(height, width)} for a {height}x{width} "
+                         f"token grid, got {tiles}")
+    factor = tokenizer.config.downsample_factor
+    rows = [round(height * i / tiles) for i in range(tiles + 1)]
+    columns = [round(width * i / tiles) for i in range(tiles + 1)]
+    bands = []
+    for top, bottom in zip(rows, rows[1:]):
+        band = []
+        for left, right in zip(columns, columns[1:]):
+            top_margin, left_margin = min(overlap, top), min(overlap, left)
+            piece = tokens[:, top - top_margin:min(height, bottom + overlap),
+                           left - left_margin:min(width, right + overlap)]
+            image = tokenizer.decode(piece)
+            y, x = top_margin * factor, left_margin * factor
+            band.append(image[..., y:y + (bottom - top) * factor, x:x + (right - left) * factor])
+        bands.append(torch.cat(band, dim=-1))
+    return torch.cat(bands, dim=-2)

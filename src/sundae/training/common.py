@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from sundae.checkpoint import CheckpointError, load_training_state, save_training_state
-from sundae.training.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
 
