@@ -9,7 +9,7 @@ from sundae.config import HOURGLASS_PRESETS, HourglassConfig
 from sundae.denoiser.hourglass import (
     Blocks, Downsample, Hourglass, Layout, count_parameters, describe, level_layouts,
 )
-from sundae.denoiser.rotary import apply_rotary, rotary_angles
+from sundae.denoiser.rotary import Rotation, apply_rotary, rotary_angles
 from sundae.sundae import sundae_loss
 
 TINY = HOURGLASS_PRESETS["tiny"]
@@ -103,21 +103,33 @@ def test_rotary_changes_the_scores_of_every_head_and_preserves_norms() -> None:
     query, key = torch.randn(2, 2, 4, 6, 16, generator=generator)  # (B, heads, N, head_dim)
     positions = torch.randint(1, 8, (6, 2), generator=generator)
     angles = rotary_angles(positions, 16)
-    rotated_query, rotated_key = apply_rotary(query, angles), apply_rotary(key, angles)
+    rotation = Rotation.from_angles(angles)
+    rotated_query, rotated_key = apply_rotary(query, rotation), apply_rotary(key, rotation)
     for head in range(4):
         assert not torch.allclose(scores(rotated_query, rotated_key)[:, head], scores(query, key)[:, head], atol=1e-3)
     torch.testing.assert_close(rotated_query.norm(dim=-1), query.norm(dim=-1))
     # the last rotation pairs belong to the column axis: moving along the column changes them
-    moved = apply_rotary(query, rotary_angles(positions + torch.tensor([0, 1]), 16))
+    moved = apply_rotary(query, Rotation.from_angles(rotary_angles(positions + torch.tensor([0, 1]), 16)))
     assert not torch.allclose(moved[..., 8:], rotated_query[..., 8:])
     torch.testing.assert_close(moved[..., :8], rotated_query[..., :8])
+
+
+def test_rotary_turns_each_pair_by_its_angle() -> None:
+    """(a, b) -> (a cos t - b sin t, a sin t + b cos t) for every pair, bit for bit."""
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
+    angles = torch.rand(5, 4, generator=torch.Generator().manual_seed(3)) * 6
+    rotated = apply_rotary(x, Rotation.from_angles(angles))
+    a, b = x[..., 0::2], x[..., 1::2]
+    assert torch.equal(rotated[..., 0::2], a * angles.cos() - b * angles.sin())
+    assert torch.equal(rotated[..., 1::2], a * angles.sin() + b * angles.cos())
 
 
 def pair_score(query: torch.Tensor, key: torch.Tensor, query_at: tuple[float, float],
                key_at: tuple[float, float]) -> torch.Tensor:
     positions = torch.tensor([query_at, key_at])
     angles = rotary_angles(positions, query.shape[-1])
-    return (apply_rotary(query, angles[:1]) * apply_rotary(key, angles[1:])).sum()
+    rotations = Rotation.from_angles(angles[:1]), Rotation.from_angles(angles[1:])
+    return (apply_rotary(query, rotations[0]) * apply_rotary(key, rotations[1])).sum()
 
 
 def test_rotary_scores_depend_only_on_the_2d_offset() -> None:
@@ -198,8 +210,9 @@ def test_padding_is_masked_out_of_the_downsampling_attention() -> None:
     query_position = torch.tensor([[0.5, 2.5]])  # block centre in full-resolution units
     key_positions = torch.tensor([[0.5, 2.5], [0.0, 2.0], [1.0, 2.0]])
     expected = downsample.attention_layer(
-        merged, rotary_angles(query_position, config.head_dim),
-        context=torch.cat((merged, real), dim=1), context_angles=rotary_angles(key_positions, config.head_dim),
+        merged, Rotation.from_angles(rotary_angles(query_position, config.head_dim)),
+        context=torch.cat((merged, real), dim=1),
+        context_rotation=Rotation.from_angles(rotary_angles(key_positions, config.head_dim)),
     )
     torch.testing.assert_close(downsample(x, blocks)[:, 1], expected[:, 0])
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sundae.config import ConfigError, HOURGLASS_PRESETS
 from sundae.denoiser import Hourglass
@@ -105,6 +106,35 @@ def test_compaction_interval_does_not_change_results():
     assert torch.equal(every_step.tokens, lazy.tokens)
     assert torch.equal(every_step.steps_taken, lazy.steps_taken)
     assert len(set(lazy_model.rows[:5])) == 1  # no compaction before step 5
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the operators that read a tensor's value back to the host (a device sync on a GPU)."""
+
+    SYNCING = {torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default,
+               torch.ops.aten._local_scalar_dense.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.SYNCING
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_syncs(steps: int, early_stop: bool) -> int:
+    options = SamplingOptions(steps=steps, early_stop=early_stop, compaction_interval=5)
+    with HostSyncCounter() as counter:
+        result = sample(PeakedDenoiser(sharpness=0.5), options=options, num_samples=3, grid_shape=(4, 4),
+                        seeds=[1, 2, 3])
+    assert result.forward_rows == [3] * steps  # nothing stops: every step runs
+    return counter.count
+
+
+def test_the_loop_reads_nothing_back_to_the_host_except_at_compactions():
+    assert count_host_syncs(10, early_stop=False) == count_host_syncs(40, early_stop=False)  # input checks only
+    assert count_host_syncs(40, early_stop=True) - count_host_syncs(10, early_stop=True) == 6  # one per 5 steps
 
 
 def test_one_step_and_no_early_stop(tiny_model):

@@ -320,7 +320,8 @@ def benchmark_batch(*, prior: Hourglass, forward_runner: nn.Module, compile_mode
     flops_per_step = count_flops(lambda: forward(prior))
     # eager ATen operators (kernel launches) per step: a two-step run minus a one-step run
     one, two = (benchmark_sampling_options(steps=count, early_stop=False) for count in (1, 2))
-    operators_per_step = count_operators(lambda: run_sampler(two, None)) - count_operators(lambda: run_sampler(one, None))
+    operators_per_step = (count_operators(lambda: run_sampler(two, None))
+                          - count_operators(lambda: run_sampler(one, None)))
     forward_operators = count_operators(lambda: forward(prior))
     matmul_shape = (batch * math.prod(grid), config.dim)
     warmup_options = benchmark_sampling_options(steps=min(steps, WARMUP_STEPS), early_stop=early_stop)

@@ -178,8 +178,8 @@ class SundaePipeline:
         self.compile_mode = ("reduce-overhead" if self.device.type == "cuda" else "default") if compile else None
         height, width = prior.config.latent_shape
         if decode_tiles is not None and not 1 <= decode_tiles <= min(height, width):
-            raise ValueError(f"decode_tiles must be between 1 and {min(height, width)} for this model's {height}x{width} "
-                             f"token grid, got {decode_tiles}")
+            raise ValueError(f"decode_tiles must be between 1 and {min(height, width)} for this model's "
+                             f"{height}x{width} token grid, got {decode_tiles}")
         self.decode_tiles = decode_tiles
 
     # --- persistence ------------------------------------------------------------------------

@@ -384,7 +384,8 @@ def sample(
             if keep is not None:
                 if keep.numel() == 0:
                     break
-                tokens, rows, finished, keys, frozen = tokens[keep], rows[keep], finished[keep], keys[keep], frozen[keep]
+                tokens, rows, finished = tokens[keep], rows[keep], finished[keep]
+                keys, frozen = keys[keep], frozen[keep]
                 labels = None if labels is None else labels[keep]
     final[rows] = tokens
     return SampleOutput(tokens=final, steps_taken=steps_taken, trajectory=trajectory, forward_rows=forward_rows)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from sundae.checkpoint import PretrainedMixin
 from sundae.config import Depth, HourglassConfig, depth_layers, depth_levels
-from sundae.denoiser.rotary import apply_rotary, rotary_angles
+from sundae.denoiser.rotary import Rotation, apply_rotary, rotary_angles
 
 
 @dataclass(frozen=True)
@@ -180,25 +180,25 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        angles: Tensor,
+        rotation: Rotation,
         *,
         context: Tensor | None = None,
-        context_angles: Tensor | None = None,
+        context_rotation: Rotation | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
         """Queries from ``x`` (..., L, dim), keys/values from ``context`` (..., M, dim) or ``x``.
 
-        ``angles`` (..., L, head_dim/2) and ``context_angles`` (..., M, head_dim/2) broadcast
+        ``rotation`` (..., L, head_dim) and ``context_rotation`` (..., M, head_dim) broadcast
         over the batch; ``context_mask`` (..., M) is True where a key may be attended to.
         """
         if context is None:
-            context, context_angles = x, angles
+            context, context_rotation = x, rotation
         query = rearrange(self.to_query(x), "... n (heads e) -> ... heads n e", heads=self.heads)
         key, value = rearrange(
             self.to_key_value(context), "... n (two heads e) -> two ... heads n e", two=2, heads=self.heads
         )
-        query = apply_rotary(query, angles.unsqueeze(-3))  # same rotation for every head
-        key = apply_rotary(key, context_angles.unsqueeze(-3))
+        query = apply_rotary(query, rotation.per_head())  # same rotation for every head
+        key = apply_rotary(key, context_rotation.per_head())
         batch_shape = query.shape[:-3]
         mask = None
         if context_mask is not None:
@@ -207,6 +207,11 @@ class Attention(nn.Module):
             query.flatten(0, -4), key.flatten(0, -4), value.flatten(0, -4), attn_mask=mask
         ).unflatten(0, batch_shape)
         return self.dropout(self.to_out(rearrange(attended, "... heads n e -> ... n (heads e)")))
+
+
+def level_rotation(positions: Tensor, head_dim: int) -> Rotation:
+    """The rotary rotation of tokens at ``positions``: computed once per level, used by all its layers."""
+    return Rotation.from_angles(rotary_angles(positions, head_dim))
 
 
 class TransformerLayer(nn.Module):
@@ -229,22 +234,22 @@ class TransformerLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        angles: Tensor,
+        rotation: Rotation,
         *,
         context: Tensor | None = None,
-        context_angles: Tensor | None = None,
+        context_rotation: Rotation | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
         normed_context = None if context is None else self.attention_norm(context)
         x = x + self.attention(
-            self.attention_norm(x), angles, context=normed_context, context_angles=context_angles,
+            self.attention_norm(x), rotation, context=normed_context, context_rotation=context_rotation,
             context_mask=context_mask,
         )
         return x + self.feed_forward(self.feed_forward_norm(x))
 
 
 class TransformerStack(nn.Module):
-    """``layers`` full self-attention layers at one resolution, sharing that level's rotary angles."""
+    """``layers`` full self-attention layers at one resolution, sharing that level's rotation."""
 
     def __init__(self, config: HourglassConfig, layers: int) -> None:
         super().__init__()
@@ -255,9 +260,9 @@ class TransformerStack(nn.Module):
         """``x`` (B, N, dim) in raster order of ``layout`` -> (B, N, dim)."""
         if not self.layers:
             return x
-        angles = rotary_angles(layout.positions(x.device), self.head_dim)
+        rotation = level_rotation(layout.positions(x.device), self.head_dim)
         for layer in self.layers:
-            x = layer(x, angles)
+            x = layer(x, rotation)
         return x
 
 
@@ -297,9 +302,9 @@ class Downsample(nn.Module):
             mask = torch.cat((torch.ones_like(mask[:, :1]), mask), dim=1)  # the merged token is always real
         attended = self.attention_layer(
             merged,
-            rotary_angles(query_positions, self.head_dim),
+            level_rotation(query_positions, self.head_dim),
             context=context,
-            context_angles=rotary_angles(key_positions, self.head_dim),
+            context_rotation=level_rotation(key_positions, self.head_dim),
             context_mask=mask,
         )
         return attended[:, :, 0]
@@ -331,7 +336,7 @@ class Upsample(nn.Module):
         """``shortened`` (B, blocks, dim) and ``residual`` (B, N, dim) -> (B, N, dim) on ``blocks.fine``."""
         expanded = rearrange(self.expand_projection(shortened), "b n (k d) -> b n k d", k=self.shorten_factor)
         x = blocks.ungroup(expanded) + residual  # (B, N, dim)
-        return self.attention_layer(x, rotary_angles(blocks.fine.positions(x.device), self.head_dim))
+        return self.attention_layer(x, level_rotation(blocks.fine.positions(x.device), self.head_dim))
 
 
 class HourglassLevel(nn.Module):

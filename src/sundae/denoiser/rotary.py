@@ -14,6 +14,8 @@ shortened token sits at the centre of its block, see ``hourglass.Layout``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -39,21 +41,42 @@ def rotary_angles(positions: Tensor, head_dim: int, *, base: float = 10_000.0) -
     return rearrange(angles, "... n axes pairs -> ... n (axes pairs)")
 
 
-def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate consecutive pairs of the last axis of ``x`` (..., N, head_dim) by ``angles``.
+class Rotation(NamedTuple):
+    """The rotation of every feature, ``(..., N, head_dim)``: ``cos`` of its pair's angle, and ``sin``
+    negated on the first feature of each pair, so that rotating is ``x·cos + swap_pairs(x)·sin``.
 
-    ``angles`` (..., N, head_dim // 2) broadcasts against ``x`` without its last axis; every
-    dimension of every head is rotated. The rotation runs in float32 and returns ``x.dtype``.
+    Built once per level from :func:`rotary_angles` and shared by all of its layers' queries and
+    keys; applying it then costs four element-wise ops (paper §3.2 applies RoPE at every layer).
     """
-    if 2 * angles.shape[-1] != x.shape[-1]:
+
+    cos: Tensor
+    sin: Tensor
+
+    @classmethod
+    def from_angles(cls, angles: Tensor) -> "Rotation":
+        cos, sin = angles.cos(), angles.sin()
+        return cls(cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2))
+
+    def per_head(self) -> "Rotation":
+        """Broadcast over a heads axis before the token axis: the same rotation for every head."""
+        return Rotation(self.cos.unsqueeze(-3), self.sin.unsqueeze(-3))
+
+
+def apply_rotary(x: Tensor, rotation: Rotation) -> Tensor:
+    """Rotate consecutive pairs of the last axis of ``x`` (..., N, head_dim) by ``rotation``.
+
+    Pair ``(a, b)`` at angle θ becomes ``(a·cosθ − b·sinθ, b·cosθ + a·sinθ)``; ``rotation``
+    broadcasts against ``x``, and every dimension of every head is rotated. The rotation runs in
+    float32 and returns ``x.dtype``.
+    """
+    if rotation.cos.shape[-1] != x.shape[-1]:
         raise ValueError(
-            f"angles give {angles.shape[-1]} rotation pairs but x has {x.shape[-1]} features "
-            f"({x.shape[-1] // 2} pairs); compute the angles with rotary_angles(positions, head_dim={x.shape[-1]})"
+            f"the rotation covers {rotation.cos.shape[-1]} features but x has {x.shape[-1]}; build it with "
+            f"Rotation.from_angles(rotary_angles(positions, head_dim={x.shape[-1]}))"
         )
-    first, second = rearrange(x.float(), "... (pairs two) -> two ... pairs", two=2)
-    cos, sin = angles.cos(), angles.sin()
-    rotated = torch.stack((first * cos - second * sin, first * sin + second * cos), dim=-1)
-    return rearrange(rotated, "... pairs two -> ... (pairs two)").to(x.dtype)
+    x32 = x.float()
+    swapped = rearrange(x32, "... (pairs two) -> ... pairs two", two=2).flip(-1).flatten(-2)  # (b, a) per pair
+    return (x32 * rotation.cos + swapped * rotation.sin).to(x.dtype)
 
 
-__all__ = ["apply_rotary", "rotary_angles"]
+__all__ = ["Rotation", "apply_rotary", "rotary_angles"]
