@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sundae.bench import (
-    benchmark_sampling_options, compile_mode_for, count_flops, measure_matmul_rate,
+    benchmark_sampling_options, compile_mode_for, count_flops, measure_matmul_rate, peak_tensor_bytes,
     result_filename, run_benchmark, write_json,
 )
 from sundae.config import HOURGLASS_PRESETS
@@ -61,6 +61,19 @@ def test_cpu_attention_flops_are_counted():
     value = torch.randn(2, 3, 6, 12)
     flops = count_flops(lambda: F.scaled_dot_product_attention(query, key, value))
     assert flops == 2 * 2 * 3 * 10 * 6 * 8 + 2 * 2 * 3 * 10 * 6 * 12
+
+
+def test_peak_tensor_bytes_counts_the_live_tensors_at_the_peak():
+    weight = torch.randn(256, 256)  # 256 KiB, touched by the function: counted, as weights are on a GPU
+
+    def three_matrices_at_most() -> torch.Tensor:
+        first = weight @ weight
+        second = first @ weight  # weight, first and second live: the peak
+        del first
+        return second * 2  # weight, second and this result
+
+    # (plus a few bytes for the wrapped scalar 2)
+    assert peak_tensor_bytes(three_matrices_at_most, torch.device("cpu")) == pytest.approx(3 * 256 * 256 * 4, abs=64)
 
 
 def test_matmul_rate_is_a_plausible_positive_rate():

@@ -194,6 +194,28 @@ def track_peak_memory(device: torch.device) -> Iterator[MemoryPeak]:
     peak.increase_bytes = None if peak.peak_bytes is None else max(0, peak.peak_bytes - start)
 
 
+def peak_tensor_bytes(function: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes of live tensors while ``function`` runs (weights and inputs it touches included).
+
+    The same quantity as CUDA's ``max_memory_allocated``, but measured on any device through the
+    profiler's memory timeline: on a CPU it tells how much accelerator memory the same work needs
+    (without the CUDA context, library workspaces and allocator rounding). Uses torch's private
+    ``torch.profiler._memory_profiler``; a torch without it raises a clear error.
+    """
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+    except ImportError as error:  # pragma: no cover - depends on the torch version
+        raise BenchmarkError(f"this torch has no profiler memory timeline ({error}); use torch >= 2.1") from None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
+                                with_stack=True) as profiler:
+        function()
+    _, sizes = MemoryProfileTimeline(profiler._memory_profile())._coalesce_timeline(str(device))
+    return max((sum(categories) for categories in sizes), default=0)
+
+
 def device_facts(device: torch.device) -> dict[str, Any]:
     """Name, kind and parallelism of the device the benchmark runs on."""
     if device.type == "cuda":
@@ -563,6 +585,6 @@ def result_filename(result: dict[str, Any], suffix: str | None = None) -> str:
 
 __all__ = [
     "BenchmarkError", "PRESET_TOKENIZERS", "benchmark_sampling_options", "compile_mode_for", "count_flops",
-    "count_operators", "measure_matmul_rate", "prepare_prior", "result_filename", "run_benchmark", "summarize",
+    "count_operators", "measure_matmul_rate", "peak_tensor_bytes", "prepare_prior", "result_filename", "run_benchmark", "summarize",
     "write_json",
 ]
