@@ -46,7 +46,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "src" / "sundae" / "assets
 
 
 def attention_kernels(prior_preset: str, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
-    prior = build_prior(preset(prior_preset, HOURGLASS_PRESETS), device)
+    prior = build_prior(preset(prior_preset, HOURGLASS_PRESETS), device, dtype)
     config = prior.config
     tokens = torch.randint(0, config.codebook_size, (1, *config.latent_shape), device=device)
     labels = None if config.num_classes is None else torch.zeros(1, dtype=torch.long, device=device)
@@ -94,7 +94,7 @@ def decode_knob(prior_preset: str, *, device: torch.device, dtype: torch.dtype, 
 def step_memory(prior_preset: str, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Peak live-tensor bytes of one sampling step at batch 1 (weights included): the prior's share
     of accelerator memory, measurable on any device (:func:`sundae.bench.peak_tensor_bytes`)."""
-    prior = build_prior(preset(prior_preset, HOURGLASS_PRESETS), device)
+    prior = build_prior(preset(prior_preset, HOURGLASS_PRESETS), device, dtype)
     config = prior.config
     labels = None if config.num_classes is None else torch.zeros(1, dtype=torch.long, device=device)
 

@@ -44,7 +44,7 @@ from sundae.config import HOURGLASS_PRESETS, VQGAN_PRESETS, HourglassConfig, VQG
 from sundae.config import preset as named_preset
 from sundae.denoiser import Hourglass, count_parameters
 from sundae.sampler import SampleOutput, SamplingOptions, sample
-from sundae.runtime import autocast, cast_decoder, resolve_device, resolve_precision
+from sundae.runtime import autocast, cast_decoder, cast_linear_weights, resolve_device, resolve_precision
 from sundae.tokenizer import VQGAN, decode_in_tiles
 
 T = TypeVar("T")
@@ -246,10 +246,11 @@ def load_average() -> list[float] | None:
 # --- the models and knobs --------------------------------------------------------------------
 
 
-def build_prior(config: HourglassConfig, device: torch.device) -> Hourglass:
-    """A prior with random weights: every multiply costs the same whatever the weights."""
+def build_prior(config: HourglassConfig, device: torch.device, dtype: torch.dtype) -> Hourglass:
+    """A prior with random weights (every multiply costs the same whatever the weights), its Linear
+    weights in ``dtype`` as the pipeline holds them (:func:`sundae.runtime.cast_linear_weights`)."""
     torch.manual_seed(0)
-    return Hourglass(config).to(device).eval()
+    return cast_linear_weights(Hourglass(config).to(device).eval(), dtype)
 
 
 def build_tokenizer(config: VQGANConfig, device: torch.device, *, dtype: torch.dtype,
@@ -483,7 +484,7 @@ def run_benchmark(
     channels_last = device.type == "cuda" if channels_last is None else channels_last
 
     load_before = load_average()
-    prior = build_prior(prior_config, device)
+    prior = build_prior(prior_config, device, torch_dtype)
     compile_mode = compile_mode_for(compile=compile, cuda_graphs=cuda_graphs)
     forward_runner = prepare_prior(prior, compile_mode=compile_mode)
     vqgan = None

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from sundae.checkpoint import CheckpointError, read_json
 from sundae.denoiser import Hourglass
 from sundae.sampler import SampleOutput, SamplingOptions, sample, seeds_from_generator, uniform_noise
-from sundae.runtime import autocast, cast_decoder, resolve_device, resolve_precision
+from sundae.runtime import autocast, cast_decoder, cast_linear_weights, resolve_device, resolve_precision
 from sundae.tokenizer.pixels import PixelTokenizer
 from sundae.tokenizer.vqgan import decode_in_tiles
 
@@ -160,7 +160,8 @@ class SundaePipeline:
     """Sampling, inpainting, outpainting and refinement with a prior and its tokenizer.
 
     How it runs (:mod:`sundae.runtime`): ``precision`` "auto" is bf16 on CUDA (the prior under
-    autocast, the decoder with bf16 weights, channels-last) and fp32 elsewhere; ``compile`` compiles
+    autocast with bf16 Linear weights, the decoder with bf16 weights, channels-last) and fp32
+    elsewhere; ``compile`` compiles
     the whole sampling step for its fixed shape, replayed as a CUDA graph on CUDA (same tokens;
     the first call per batch size pays the compilation); ``decode_tiles`` decodes in n × n tiles
     when memory is short (approximate at the seams).
@@ -174,6 +175,7 @@ class SundaePipeline:
         self.class_names = class_names
         self.name = name
         self.dtype = resolve_precision(precision, self.device)
+        cast_linear_weights(self.prior, self.dtype)
         cast_decoder(self.tokenizer, self.dtype, channels_last=self.device.type == "cuda")
         self.compile_mode = ("reduce-overhead" if self.device.type == "cuda" else "default") if compile else None
         height, width = prior.config.latent_shape

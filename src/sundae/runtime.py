@@ -2,8 +2,8 @@
 shared by the pipeline, the CLI and the benchmark.
 
 On CUDA the default is bf16 (house style: "bf16 autocast on CUDA"): the prior runs under
-``torch.autocast`` (its logits and the sampling arithmetic stay fp32, see
-:mod:`sundae.sampler`), and the VQ-GAN decoder holds bf16 weights, channels-last, so its
+``torch.autocast`` with its Linear weights cast to bf16 once (:func:`cast_linear_weights`; its
+logits and the sampling arithmetic stay fp32, see :mod:`sundae.sampler`), and the VQ-GAN decoder holds bf16 weights, channels-last, so its
 convolutions and GroupNorms run natively in bf16 instead of casting around every layer. The
 codebook and quantization stay fp32 (:mod:`sundae.tokenizer.vqgan`).
 """
@@ -44,6 +44,24 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
+def cast_linear_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give every ``nn.Linear`` of ``module`` ``dtype`` weights once, for running it under autocast.
+
+    Under autocast a Linear casts its fp32 weight to bf16 at every call, and inside
+    ``torch.inference_mode`` (the sampler's) torch's cast cache is off, so an FFHQ1024 prior would
+    re-cast 0.86 GB of weights at every sampling step. Autocast rounds the weight exactly as
+    ``.to(dtype)`` does, so the outputs are bit-identical; embeddings and norms stay fp32, as
+    autocast runs them, and so does the residual stream. The module then needs autocast (or
+    ``dtype`` inputs) to run.
+    """
+    if dtype == torch.float32:
+        return module
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            layer.to(dtype)
+    return module
+
+
 def cast_decoder(tokenizer: nn.Module, dtype: torch.dtype, *, channels_last: bool) -> nn.Module:
     """Give a VQ-GAN's decoder path (``post_quant_conv`` + ``decoder``) ``dtype`` weights, optionally
     channels-last; the quantizer's codebook stays as it is. Other tokenizers are returned unchanged."""
@@ -56,4 +74,4 @@ def cast_decoder(tokenizer: nn.Module, dtype: torch.dtype, *, channels_last: boo
     return tokenizer
 
 
-__all__ = ["PRECISIONS", "autocast", "cast_decoder", "resolve_device", "resolve_precision"]
+__all__ = ["PRECISIONS", "autocast", "cast_decoder", "cast_linear_weights", "resolve_device", "resolve_precision"]

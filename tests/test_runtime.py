@@ -1,0 +1,45 @@
+"""How models run: bf16 Linear weights cast once give exactly what autocast computes every call."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sundae.config import HOURGLASS_PRESETS
+from sundae.denoiser import Hourglass
+from sundae.runtime import autocast, cast_linear_weights, resolve_precision
+
+
+def tiny_prior() -> Hourglass:
+    torch.manual_seed(0)
+    return Hourglass(HOURGLASS_PRESETS["tiny"].replace(num_classes=3)).eval()
+
+
+def casts_during(function) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        function()
+    return sum(event.count for event in profiler.key_averages() if event.key == "aten::_to_copy")
+
+
+def test_linear_weights_cast_once_give_the_autocast_logits_bit_for_bit():
+    tokens = torch.randint(0, 64, (2, 8, 8), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 2])
+    reference, cast = tiny_prior(), cast_linear_weights(tiny_prior(), torch.bfloat16)
+    cpu = torch.device("cpu")
+    with torch.inference_mode(), autocast(cpu, torch.bfloat16):
+        expected = reference(tokens, labels)
+        logits = cast(tokens, labels)
+        assert torch.equal(logits, expected)
+        # autocast re-casts fp32 weights at every call under inference_mode; cast weights need no casts
+        linear_layers = sum(isinstance(module, torch.nn.Linear) for module in reference.modules())
+        assert casts_during(lambda: reference(tokens, labels)) >= 2 * linear_layers
+        assert casts_during(lambda: cast(tokens, labels)) < casts_during(lambda: reference(tokens, labels)) - linear_layers
+    assert cast.token_embedding.weight.dtype == torch.float32 and cast.to_logits.weight.dtype == torch.bfloat16
+    assert cast_linear_weights(tiny_prior(), torch.float32).to_logits.weight.dtype == torch.float32
+
+
+def test_precision_names():
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    assert resolve_precision("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_precision("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be"):
+        resolve_precision("half", torch.device("cpu"))
