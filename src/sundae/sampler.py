@@ -228,7 +228,8 @@ _compiled_steps: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
 
 
 def step_function(compile_mode: str | None) -> Callable[..., tuple[Tensor, Tensor]]:
-    """:func:`denoising_step`, or its ``torch.compile`` for fixed shapes (one compilation per batch size).
+    """:func:`denoising_step`, or its ``torch.compile`` for fixed shapes (one compilation per batch size)
+    as one graph (``fullgraph``: a graph break would split the CUDA graph, so it is an error).
 
     ``"reduce-overhead"`` replays each step as a CUDA graph on CUDA: the step's few hundred kernel
     launches become one, which is what bounds small batches on a fast GPU.
@@ -238,7 +239,7 @@ def step_function(compile_mode: str | None) -> Callable[..., tuple[Tensor, Tenso
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be None or one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     if compile_mode not in _compiled_steps:
-        _compiled_steps[compile_mode] = torch.compile(denoising_step, dynamic=False, mode=compile_mode)
+        _compiled_steps[compile_mode] = torch.compile(denoising_step, dynamic=False, mode=compile_mode, fullgraph=True)
     return _compiled_steps[compile_mode]
 
 

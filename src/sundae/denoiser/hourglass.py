@@ -369,6 +369,12 @@ def build_body(config: HourglassConfig, depth: Depth) -> TransformerStack | Hour
     return HourglassLevel(config, depth)
 
 
+def values_are_checkable(tensor: Tensor) -> bool:
+    """Whether checking ``tensor``'s values is free: a range check reads them back to the host, a
+    device sync on an accelerator and a graph break under ``torch.compile``, so only eager CPU checks."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
@@ -427,9 +433,7 @@ class Hourglass(nn.Module, PretrainedMixin):
             raise ValueError(
                 f"tokens must be an integer tensor of shape (B, h, w), got {tuple(tokens.shape)} {tokens.dtype}"
             )
-        # a range check reads values back to the host: done only where that is free (eager, on the CPU)
-        checkable = tokens.device.type == "cpu" and not torch.compiler.is_compiling()
-        if checkable and tokens.numel() and not self._tokens_in_range(tokens):
+        if values_are_checkable(tokens) and tokens.numel() and not self._tokens_in_range(tokens):
             raise ValueError(
                 f"tokens must lie in [0, {self.config.codebook_size}) (the codebook size), "
                 f"got values in [{int(tokens.min())}, {int(tokens.max())}]"
@@ -447,7 +451,7 @@ class Hourglass(nn.Module, PretrainedMixin):
                 f"class_labels must be an integer tensor of shape ({batch},), got {tuple(class_labels.shape)} "
                 f"{class_labels.dtype}"
             )
-        if class_labels.device.type == "cpu" and (class_labels.min() < 0 or class_labels.max() > null_class):
+        if values_are_checkable(class_labels) and (class_labels.min() < 0 or class_labels.max() > null_class):
             raise ValueError(
                 f"class_labels must lie in [0, {self.config.num_classes}] ({self.config.num_classes} classes, "
                 f"{null_class} = null class), got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
