@@ -349,7 +349,7 @@ def sample(
                              dtype=torch.int64, device=device)
     constants = {"null_class": config.null_class, "guidance_scale": options.guidance_scale, "top_k": options.top_k,
                  "top_p": options.top_p}
-    graphed = device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graphs
+    graphed = compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graphs on CUDA (the CPU runs without)
 
     final = tokens.clone()
     steps_taken = torch.full((batch,), options.steps, dtype=torch.long, device=device)
