@@ -429,8 +429,8 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
 @click.option("--batch-sizes", default="1", show_default=True, help="Comma-separated, e.g. 1,16.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="auto: bf16 autocast on CUDA, fp32 on CPU.")
-@click.option("--compile", is_flag=True, help="torch.compile the prior step.")
-@click.option("--cuda-graphs", is_flag=True, help="Capture the fixed-shape step in a CUDA graph (CUDA only).")
+@click.option("--compile", is_flag=True, help="torch.compile the whole sampling step (forward + sampling arithmetic).")
+@click.option("--cuda-graphs", is_flag=True, help="With --compile: replay each step as one CUDA graph (CUDA only).")
 @click.option("--early-stop", is_flag=True, help="Let samples stop on their own (rare with random weights).")
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
