@@ -162,8 +162,8 @@ class SundaePipeline:
     How it runs (:mod:`sundae.runtime`): ``precision`` "auto" is bf16 on CUDA (the prior under
     autocast with bf16 Linear weights, the decoder with bf16 weights, channels-last) and fp32
     elsewhere; ``compile`` compiles
-    the whole sampling step for its fixed shape, replayed as a CUDA graph on CUDA (same tokens;
-    the first call per batch size pays the compilation); ``decode_tiles`` decodes in n × n tiles
+    the whole sampling step, replayed as a CUDA graph on CUDA (same tokens; the first call pays
+    the compilation, about a minute, and once more when finished samples first shrink the batch); ``decode_tiles`` decodes in n × n tiles
     when memory is short (approximate at the seams).
     """
 

@@ -14,10 +14,10 @@ it is in or on which other samples have stopped, and the loop needs no host-devi
 synchronisation except at the (optional, periodic) batch compaction.
 
 One step is one function, :func:`denoising_step`, of tensors only (the schedules are tables on
-the device, indexed by step), so it can be compiled for its fixed shape with ``torch.compile``
+the device, indexed by step), so it can be compiled whole with ``torch.compile``
 (``compile_mode``), network forward and sampling arithmetic together, and on CUDA replayed as one
 CUDA graph (``compile_mode="reduce-overhead"``). The compiled step computes the same tokens as the
-plain one (tests/test_sampler.py).
+plain one (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def denoising_step(model: nn.Module, tokens: Tensor, labels: Tensor | None, keys
 
     Logits at ``temperature`` give a proposal per position (inverse-CDF draw on the stream
     ``step_keys[0]``); a ``proportion`` of the positions (stream ``step_keys[1]``) take it, except
-    ``frozen`` positions and ``finished`` samples. Tensors only, so that it compiles for a fixed shape.
+    ``frozen`` positions and ``finished`` samples. Tensors only, so that it compiles into one graph.
     """
     logits = _guided_logits(model, tokens, labels, null_class, guidance_scale)
     logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
@@ -228,8 +228,11 @@ _compiled_steps: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
 
 
 def step_function(compile_mode: str | None) -> Callable[..., tuple[Tensor, Tensor]]:
-    """:func:`denoising_step`, or its ``torch.compile`` for fixed shapes (one compilation per batch size)
-    as one graph (``fullgraph``: a graph break would split the CUDA graph, so it is an error).
+    """:func:`denoising_step`, or its ``torch.compile`` as one graph (``fullgraph``: a graph break would
+    split the CUDA graph, so it is an error). Shapes are torch's automatic dynamic: the first batch
+    size compiles static; when compaction changes it, one more compilation makes the batch axis
+    dynamic (a batch of 1 is specialised once more). ``"reduce-overhead"`` records one CUDA graph
+    per batch size met, which the power-of-two buckets of :func:`rows_to_keep` keep few.
 
     ``"reduce-overhead"`` replays each step as a CUDA graph on CUDA: the step's few hundred kernel
     launches become one, which is what bounds small batches on a fast GPU.
@@ -239,7 +242,7 @@ def step_function(compile_mode: str | None) -> Callable[..., tuple[Tensor, Tenso
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be None or one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     if compile_mode not in _compiled_steps:
-        _compiled_steps[compile_mode] = torch.compile(denoising_step, dynamic=False, mode=compile_mode, fullgraph=True)
+        _compiled_steps[compile_mode] = torch.compile(denoising_step, mode=compile_mode, fullgraph=True)
     return _compiled_steps[compile_mode]
 
 
@@ -247,7 +250,7 @@ def rows_to_keep(finished: Tensor, *, bucketed: bool) -> Tensor | None:
     """At a compaction, the rows to keep (active ones first), or None to keep them all (one host sync).
 
     ``bucketed`` (compiled steps) keeps a power-of-two number of rows, padding with finished
-    samples, which stay frozen: a compiled step then sees at most log2(B) + 1 batch sizes.
+    samples, which stay frozen: a compiled step then sees at most log2(B) + 1 batch sizes (CUDA graphs).
     """
     size = finished.shape[0]
     active = int((~finished).sum())
