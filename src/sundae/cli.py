@@ -111,6 +111,9 @@ def load_pipeline(model_dir: str | None, device: str | None, **runtime: Any):
     directory = Path(model_dir) if model_dir else DEFAULT_MODEL
     if not directory.exists():
         _fail(f"model directory {directory} does not exist")
+    if runtime.get("compile"):
+        click.echo("--compile: the first step compiles the sampling step (a minute or two; once more when "
+                   "finished samples first leave the batch)", err=True)
     return SundaePipeline.from_pretrained(directory, device=device, **runtime)
 
 
