@@ -491,8 +491,9 @@ def run_benchmark(
     if decode:
         vqgan = build_tokenizer(tokenizer_config, device, dtype=torch_dtype, channels_last=channels_last)
     results = [
-        benchmark_batch(prior=prior, forward_runner=forward_runner, compile_mode=compile_mode, tokenizer=vqgan, batch=batch, steps=steps, early_stop=early_stop,
-                        dtype=torch_dtype, device=device, repeats=repeats, warmup=warmup, decode_tiles=decode_tiles)
+        benchmark_batch(prior=prior, forward_runner=forward_runner, compile_mode=compile_mode, tokenizer=vqgan,
+                        batch=batch, steps=steps, early_stop=early_stop, dtype=torch_dtype, device=device,
+                        repeats=repeats, warmup=warmup, decode_tiles=decode_tiles)
         for batch in batch_sizes
     ]
     image_size = [side * tokenizer_config.downsample_factor for side in prior_config.latent_shape]

@@ -161,10 +161,10 @@ class SundaePipeline:
 
     How it runs (:mod:`sundae.runtime`): ``precision`` "auto" is bf16 on CUDA (the prior under
     autocast with bf16 Linear weights, the decoder with bf16 weights, channels-last) and fp32
-    elsewhere; ``compile`` compiles
-    the whole sampling step, replayed as a CUDA graph on CUDA (same tokens; the first call pays
-    the compilation, about a minute, and once more when finished samples first shrink the batch); ``decode_tiles`` decodes in n × n tiles
-    when memory is short (approximate at the seams).
+    elsewhere; ``compile`` compiles the whole sampling step, replayed as a CUDA graph on CUDA (same
+    tokens; the first call pays the compilation, about a minute, and once more when finished
+    samples first shrink the batch); ``decode_tiles`` decodes in n × n tiles when memory is short
+    (approximate at the seams).
     """
 
     def __init__(self, prior: Hourglass, tokenizer: nn.Module, *, class_names: list[str] | None = None,

@@ -3,8 +3,9 @@ shared by the pipeline, the CLI and the benchmark.
 
 On CUDA the default is bf16 (house style: "bf16 autocast on CUDA"): the prior runs under
 ``torch.autocast`` with its Linear weights cast to bf16 once (:func:`cast_linear_weights`; its
-logits and the sampling arithmetic stay fp32, see :mod:`sundae.sampler`), and the VQ-GAN decoder holds bf16 weights, channels-last, so its
-convolutions and GroupNorms run natively in bf16 instead of casting around every layer. The
+logits and the sampling arithmetic stay fp32, see :mod:`sundae.sampler`), and the VQ-GAN
+decoder holds bf16 weights, channels-last, so its convolutions and GroupNorms run natively in
+bf16 instead of casting around every layer. The
 codebook and quantization stay fp32 (:mod:`sundae.tokenizer.vqgan`).
 """
 

@@ -229,13 +229,13 @@ _compiled_steps: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
 
 def step_function(compile_mode: str | None) -> Callable[..., tuple[Tensor, Tensor]]:
     """:func:`denoising_step`, or its ``torch.compile`` as one graph (``fullgraph``: a graph break would
-    split the CUDA graph, so it is an error). Shapes are torch's automatic dynamic: the first batch
-    size compiles static; when compaction changes it, one more compilation makes the batch axis
-    dynamic (a batch of 1 is specialised once more). ``"reduce-overhead"`` records one CUDA graph
-    per batch size met, which the power-of-two buckets of :func:`rows_to_keep` keep few.
+    split the CUDA graph, so it is an error).
 
-    ``"reduce-overhead"`` replays each step as a CUDA graph on CUDA: the step's few hundred kernel
-    launches become one, which is what bounds small batches on a fast GPU.
+    ``"reduce-overhead"`` replays each step as one CUDA graph on CUDA: the step's few hundred kernel
+    launches become one, which is what bounds small batches on a fast GPU; a graph is recorded per
+    batch size met, kept few by the power-of-two buckets of :func:`rows_to_keep`. Shapes follow
+    torch's automatic dynamic: the first batch size compiles static, and when compaction changes
+    it one more compilation makes the batch axis dynamic (a batch of 1 is specialised once more).
     """
     if compile_mode is None:
         return denoising_step
@@ -250,7 +250,7 @@ def rows_to_keep(finished: Tensor, *, bucketed: bool) -> Tensor | None:
     """At a compaction, the rows to keep (active ones first), or None to keep them all (one host sync).
 
     ``bucketed`` (compiled steps) keeps a power-of-two number of rows, padding with finished
-    samples, which stay frozen: a compiled step then sees at most log2(B) + 1 batch sizes (CUDA graphs).
+    samples, which stay frozen: a compiled step then sees at most log2(B) + 1 batch sizes.
     """
     size = finished.shape[0]
     active = int((~finished).sum())
