@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -271,11 +271,6 @@ def compile_mode_for(*, compile: bool, cuda_graphs: bool) -> str | None:
     return "reduce-overhead" if cuda_graphs else "default"
 
 
-def prepare_prior(prior: Hourglass, *, compile_mode: str | None) -> nn.Module:
-    """The prior's forward alone, compiled as the step is (for the forward-only timing)."""
-    return prior if compile_mode is None else torch.compile(prior, dynamic=False, mode=compile_mode)
-
-
 class OperatorCounter(TorchDispatchMode):
     """Counts the ATen operators that run (views excluded): in eager mode, one kernel launch each."""
 
@@ -319,14 +314,19 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
 
 
-def benchmark_batch(*, prior: Hourglass, forward_runner: nn.Module, compile_mode: str | None,
-                    tokenizer: VQGAN | None, batch: int, steps: int, early_stop: bool, dtype: torch.dtype,
-                    device: torch.device, repeats: int, warmup: int, decode_tiles: int | None) -> dict[str, Any]:
-    """Every measurement at one batch size; see :func:`run_benchmark`."""
+def benchmark_batch(*, prior: Hourglass, compile_mode: str | None, tokenizer: VQGAN | None, batch: int, steps: int,
+                    early_stop: bool, dtype: torch.dtype, device: torch.device, repeats: int, warmup: int,
+                    decode_tiles: int | None) -> dict[str, Any]:
+    """Every measurement at one batch size; see :func:`run_benchmark`.
+
+    The forward alone is timed in eager mode only: a compiled step fuses the forward with the
+    sampling arithmetic, and timing the forward apart would cost a second compilation.
+    """
     config = prior.config
+    time_forward = compile_mode is None
     grid = tuple(config.latent_shape)
     labels = _class_labels(config, batch, device)
-    with torch.inference_mode():  # an inference tensor, as the sampler's: a compiled forward serves both
+    with torch.inference_mode():
         tokens = torch.randint(0, config.codebook_size, (batch, *grid), device=device,
                                generator=torch.Generator(device=device).manual_seed(0))
     options = benchmark_sampling_options(steps=steps, early_stop=early_stop)
@@ -336,27 +336,27 @@ def benchmark_batch(*, prior: Hourglass, forward_runner: nn.Module, compile_mode
             return sample(prior, options=options, num_samples=batch, grid_shape=grid, class_labels=labels,
                           seeds=torch.arange(batch), compile_mode=mode)
 
-    def forward(model: nn.Module) -> Tensor:
+    def forward() -> Tensor:
         with torch.inference_mode(), autocast(device, dtype):
-            return model(tokens, labels)
+            return prior(tokens, labels)
 
-    flops_per_step = count_flops(lambda: forward(prior))
+    flops_per_step = count_flops(forward)
     # eager ATen operators (kernel launches) per step: a two-step run minus a one-step run
     one, two = (benchmark_sampling_options(steps=count, early_stop=False) for count in (1, 2))
     operators_per_step = (count_operators(lambda: run_sampler(two, None))
                           - count_operators(lambda: run_sampler(one, None)))
-    forward_operators = count_operators(lambda: forward(prior))
+    forward_operators = count_operators(forward)
     matmul_shape = (batch * math.prod(grid), config.dim)
     warmup_options = benchmark_sampling_options(steps=min(steps, WARMUP_STEPS), early_stop=early_stop)
     for _ in range(warmup):
         run_sampler(warmup_options)
-        forward(forward_runner)
+        forward()
     # a shared machine's speed drifts: each run is compared with the matmul rates measured just
     # before and after it, and the fractions are medians over runs
     rates = [measure_matmul_rate(*matmul_shape, dtype=dtype, device=device)]
     runs = []
     for _ in range(repeats):
-        _, forward_seconds = time_call(lambda: forward(forward_runner), device)
+        forward_seconds = time_call(forward, device)[1] if time_forward else None
         with track_peak_memory(device) as memory:
             output, seconds = time_call(lambda: run_sampler(options), device)
         rates.append(measure_matmul_rate(*matmul_shape, dtype=dtype, device=device))
@@ -366,10 +366,10 @@ def benchmark_batch(*, prior: Hourglass, forward_runner: nn.Module, compile_mode
         runs.append({"seconds": seconds, "iterations": len(output.forward_rows), "output": output, "memory": memory,
                      "forward_seconds": forward_seconds, "matmul_rate": matmul_rate,
                      "flops_per_second": flops_per_second, "fraction": flops_per_second / matmul_rate,
-                     "forward_fraction": flops_per_step / forward_seconds / matmul_rate})
+                     "forward_fraction": flops_per_step / forward_seconds / matmul_rate if time_forward else None})
     median = _median_run(runs)
     output = median["output"]
-    forward_seconds = statistics.median(run["forward_seconds"] for run in runs)
+    forward_seconds = statistics.median(run["forward_seconds"] for run in runs) if time_forward else None
     step_seconds = median["seconds"] / median["iterations"]
     matmul_rate = statistics.median(run["matmul_rate"] for run in runs)
     memory = max((run["memory"] for run in runs), key=lambda peak: peak.peak_bytes or 0)
@@ -378,7 +378,7 @@ def benchmark_batch(*, prior: Hourglass, forward_runner: nn.Module, compile_mode
         "batch_size": batch,
         "step_seconds": step_seconds,
         "forward_seconds": forward_seconds,
-        "sampling_seconds_per_step": step_seconds - forward_seconds,
+        "sampling_seconds_per_step": step_seconds - forward_seconds if time_forward else None,
         "prior_seconds": median["seconds"],
         "prior_seconds_all_repeats": [run["seconds"] for run in runs],
         "iterations": median["iterations"],
@@ -389,13 +389,14 @@ def benchmark_batch(*, prior: Hourglass, forward_runner: nn.Module, compile_mode
         "sampling_operators_per_step": operators_per_step - forward_operators,
         "flops_per_sample_step": flops_per_step / batch,
         "achieved_flops_per_second": median["flops_per_second"],
-        "forward_flops_per_second": flops_per_step / forward_seconds,
+        "forward_flops_per_second": flops_per_step / forward_seconds if time_forward else None,
         "matmul_flops_per_second": matmul_rate,
         "matmul_flops_per_second_all_repeats": [run["matmul_rate"] for run in runs],
         "matmul_shape": [*matmul_shape, 4 * config.dim],
         "fraction_of_matmul_peak": statistics.median(run["fraction"] for run in runs),
         "fraction_of_matmul_peak_all_repeats": [run["fraction"] for run in runs],
-        "forward_fraction_of_matmul_peak": statistics.median(run["forward_fraction"] for run in runs),
+        "forward_fraction_of_matmul_peak": (statistics.median(run["forward_fraction"] for run in runs)
+                                            if time_forward else None),
         "prior_peak_memory_bytes": memory.peak_bytes,
         "prior_memory_increase_bytes": memory.increase_bytes,
         "prior_peak_memory_reserved_bytes": memory.reserved_bytes,
@@ -486,12 +487,11 @@ def run_benchmark(
     load_before = load_average()
     prior = build_prior(prior_config, device, torch_dtype)
     compile_mode = compile_mode_for(compile=compile, cuda_graphs=cuda_graphs)
-    forward_runner = prepare_prior(prior, compile_mode=compile_mode)
     vqgan = None
     if decode:
         vqgan = build_tokenizer(tokenizer_config, device, dtype=torch_dtype, channels_last=channels_last)
     results = [
-        benchmark_batch(prior=prior, forward_runner=forward_runner, compile_mode=compile_mode, tokenizer=vqgan,
+        benchmark_batch(prior=prior, compile_mode=compile_mode, tokenizer=vqgan,
                         batch=batch, steps=steps, early_stop=early_stop, dtype=torch_dtype, device=device,
                         repeats=repeats, warmup=warmup, decode_tiles=decode_tiles)
         for batch in batch_sizes
@@ -557,12 +557,14 @@ def summarize(result: dict[str, Any]) -> str:
     for entry in result["results"]:
         decode_text = "" if entry["decode_seconds"] is None else f" + decode {_format_seconds(entry['decode_seconds'])}"
         memory = "" if entry["peak_memory_bytes"] is None else f", peak {entry['peak_memory_bytes'] / 2**30:.2f} GiB"
+        forward = entry["forward_fraction_of_matmul_peak"]
+        forward_text = "" if forward is None else f" (forward alone {forward:.2f})"
         parts.append(
             f"batch {entry['batch_size']}: {_format_seconds(entry['step_seconds'])}/step, prior "
             f"{_format_seconds(entry['prior_seconds'])}{decode_text} = {_format_seconds(entry['seconds_per_image'])}"
             f"/image ({entry['images_per_second']:.3g} images/s); prior {entry['achieved_flops_per_second'] / 1e9:.4g} "
             f"GFLOP/s = {entry['fraction_of_matmul_peak']:.2f} of matmul {entry['matmul_flops_per_second'] / 1e9:.4g} "
-            f"GFLOP/s (forward alone {entry['forward_fraction_of_matmul_peak']:.2f}); {entry['operators_per_step']} eager "
+            f"GFLOP/s{forward_text}; {entry['operators_per_step']} eager "
             f"ops/step{memory}"
         )
     return f"{head}: " + "; ".join(parts)
@@ -587,6 +589,6 @@ def result_filename(result: dict[str, Any], suffix: str | None = None) -> str:
 
 __all__ = [
     "BenchmarkError", "PRESET_TOKENIZERS", "benchmark_sampling_options", "compile_mode_for", "count_flops",
-    "count_operators", "measure_matmul_rate", "peak_tensor_bytes", "prepare_prior", "result_filename", "run_benchmark", "summarize",
+    "count_operators", "measure_matmul_rate", "peak_tensor_bytes", "result_filename", "run_benchmark", "summarize",
     "write_json",
 ]
