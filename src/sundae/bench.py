@@ -212,6 +212,8 @@ def peak_tensor_bytes(function: Callable[[], Any], device: torch.device) -> int:
     with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
                                 with_stack=True) as profiler:
         function()
+    if device.type == "cuda" and device.index is None:  # the timeline names devices with their index
+        device = torch.device("cuda", torch.cuda.current_device())
     _, sizes = MemoryProfileTimeline(profiler._memory_profile())._coalesce_timeline(str(device))
     return max((sum(categories) for categories in sizes), default=0)
 
