@@ -263,9 +263,9 @@ def build_tokenizer(config: VQGANConfig, device: torch.device, *, dtype: torch.d
 
 
 def compile_mode_for(*, compile: bool, cuda_graphs: bool) -> str | None:
-    """The sampler's ``compile_mode``: the whole step (forward + sampling arithmetic) compiled for
-    its fixed shape in the warm-up, and with ``cuda_graphs`` replayed as one CUDA graph
-    ("reduce-overhead"), which removes the per-kernel launch cost that dominates small batches."""
+    """The sampler's ``compile_mode``: the whole step (forward + sampling arithmetic) compiled in the
+    warm-up, and with ``cuda_graphs`` replayed as one CUDA graph ("reduce-overhead"), which removes
+    the per-kernel launch cost that dominates small batches."""
     if cuda_graphs and not compile:
         raise BenchmarkError("cuda_graphs needs compile=True (graphs are captured by torch.compile)")
     if not compile:

@@ -53,6 +53,18 @@ def main(verbose: bool) -> None:
 # --- sampling options shared by sample / inpaint / outpaint / refine -------------------------
 
 
+PRECISION_OPTION = click.option(
+    "--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+    help="auto: bf16 on CUDA (prior autocast, bf16 decoder), fp32 on CPU.")
+RUNTIME_OPTIONS = [
+    PRECISION_OPTION,
+    click.option("--compile", is_flag=True,
+                 help="torch.compile the sampling step (CUDA graphs on CUDA); pays off for many images."),
+    click.option("--decode-tiles", type=int, default=None,
+                 help="Decode in n x n tiles to save memory (approximate at the seams)."),
+]
+
+
 def sampling_options(defaults: dict[str, Any]) -> Callable:
     def decorate(function: Callable) -> Callable:
         options = [
@@ -84,16 +96,6 @@ def sampling_options(defaults: dict[str, Any]) -> Callable:
         return function
 
     return decorate
-
-
-RUNTIME_OPTIONS = [
-    click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-                 help="auto: bf16 on CUDA (prior autocast, bf16 decoder), fp32 on CPU."),
-    click.option("--compile", is_flag=True,
-                 help="torch.compile the sampling step (CUDA graphs on CUDA); pays off for many images."),
-    click.option("--decode-tiles", type=int, default=None,
-                 help="Decode in n x n tiles to save memory (approximate at the seams)."),
-]
 
 
 SAMPLING_KEYS = ("steps", "temperature", "end_temperature", "temperature_schedule", "proportion", "end_proportion",
@@ -313,7 +315,7 @@ def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="Also save every result here (server-made file names only).")
 @click.option("--device", default=None)
-@RUNTIME_OPTIONS[0]
+@PRECISION_OPTION
 @user_errors
 def serve(model_dir: str | None, host: str, port: int, output_dir: str | None, device: str | None,
           precision: str) -> None:

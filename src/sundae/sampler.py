@@ -224,6 +224,7 @@ def denoising_step(model: nn.Module, tokens: Tensor, labels: Tensor | None, keys
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs (on CUDA)
 _compiled_steps: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
 
 
@@ -310,8 +311,8 @@ def sample(
         callback: called after every step with (step, current tokens of the whole batch, finished).
         return_trajectory: keep a CPU copy of the tokens after every step.
         compile_mode: None (eager) or a ``torch.compile`` mode for the whole step (:func:`step_function`);
-            ``"reduce-overhead"`` adds CUDA graphs on CUDA. Same tokens as eager; compiles once per
-            batch size, and finished samples then leave in power-of-two buckets (:func:`rows_to_keep`).
+            ``"reduce-overhead"`` adds CUDA graphs on CUDA. Same tokens as eager; finished samples then
+            leave in power-of-two buckets (:func:`rows_to_keep`).
     """
     config = model.config
     device = next(model.parameters()).device
@@ -352,7 +353,7 @@ def sample(
                              dtype=torch.int64, device=device)
     constants = {"null_class": config.null_class, "guidance_scale": options.guidance_scale, "top_k": options.top_k,
                  "top_p": options.top_p}
-    graphed = compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graphs on CUDA (the CPU runs without)
+    graphed = compile_mode in CUDA_GRAPH_MODES
 
     final = tokens.clone()
     steps_taken = torch.full((batch,), options.steps, dtype=torch.long, device=device)

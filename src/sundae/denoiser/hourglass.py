@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from sundae.checkpoint import PretrainedMixin
 from sundae.config import Depth, HourglassConfig, depth_layers, depth_levels
-from sundae.denoiser.rotary import Rotation, apply_rotary, rotary_angles
+from sundae.denoiser.rotary import Rotation, apply_rotary
 
 
 @dataclass(frozen=True)
@@ -209,11 +209,6 @@ class Attention(nn.Module):
         return self.dropout(self.to_out(rearrange(attended, "... heads n e -> ... n (heads e)")))
 
 
-def level_rotation(positions: Tensor, head_dim: int) -> Rotation:
-    """The rotary rotation of tokens at ``positions``: computed once per level, used by all its layers."""
-    return Rotation.from_angles(rotary_angles(positions, head_dim))
-
-
 class TransformerLayer(nn.Module):
     """Pre-norm residual block: LayerNorm -> attention, LayerNorm -> GELU feed-forward."""
 
@@ -260,7 +255,10 @@ class TransformerStack(nn.Module):
         """``x`` (B, N, dim) in raster order of ``layout`` -> (B, N, dim)."""
         if not self.layers:
             return x
-        rotation = level_rotation(layout.positions(x.device), self.head_dim)
+        return self.run(x, Rotation.at(layout.positions(x.device), self.head_dim))
+
+    def run(self, x: Tensor, rotation: Rotation) -> Tensor:
+        """The layers with a rotation computed by the caller (shared with the level's other layers)."""
         for layer in self.layers:
             x = layer(x, rotation)
         return x
@@ -302,9 +300,9 @@ class Downsample(nn.Module):
             mask = torch.cat((torch.ones_like(mask[:, :1]), mask), dim=1)  # the merged token is always real
         attended = self.attention_layer(
             merged,
-            level_rotation(query_positions, self.head_dim),
+            Rotation.at(query_positions, self.head_dim),
             context=context,
-            context_rotation=level_rotation(key_positions, self.head_dim),
+            context_rotation=Rotation.at(key_positions, self.head_dim),
             context_mask=mask,
         )
         return attended[:, :, 0]
@@ -327,16 +325,16 @@ class Upsample(nn.Module):
 
     def __init__(self, config: HourglassConfig) -> None:
         super().__init__()
-        self.head_dim = config.head_dim
         self.shorten_factor = config.shorten_factor
         self.expand_projection = nn.Linear(config.dim, config.shorten_factor * config.dim)
         self.attention_layer = TransformerLayer(config)
 
-    def forward(self, shortened: Tensor, residual: Tensor, blocks: Blocks) -> Tensor:
-        """``shortened`` (B, blocks, dim) and ``residual`` (B, N, dim) -> (B, N, dim) on ``blocks.fine``."""
+    def forward(self, shortened: Tensor, residual: Tensor, blocks: Blocks, rotation: Rotation) -> Tensor:
+        """``shortened`` (B, blocks, dim) and ``residual`` (B, N, dim) -> (B, N, dim) on ``blocks.fine``,
+        whose rotation the level passes in."""
         expanded = rearrange(self.expand_projection(shortened), "b n (k d) -> b n k d", k=self.shorten_factor)
         x = blocks.ungroup(expanded) + residual  # (B, N, dim)
-        return self.attention_layer(x, level_rotation(blocks.fine.positions(x.device), self.head_dim))
+        return self.attention_layer(x, rotation)
 
 
 class HourglassLevel(nn.Module):
@@ -345,6 +343,7 @@ class HourglassLevel(nn.Module):
     def __init__(self, config: HourglassConfig, depth: tuple[int, Depth, int]) -> None:
         super().__init__()
         pre, valley, post = depth
+        self.head_dim = config.head_dim
         self.shorten_factor = config.shorten_factor
         self.resample = config.resample
         self.pre = TransformerStack(config, pre)
@@ -355,11 +354,12 @@ class HourglassLevel(nn.Module):
 
     def forward(self, x: Tensor, layout: Layout) -> Tensor:
         """``x`` (B, N, dim) in raster order of ``layout`` -> (B, N, dim)."""
-        x = self.pre(x, layout)
+        rotation = Rotation.at(layout.positions(x.device), self.head_dim)  # pre, upsample and post share it
+        x = self.pre.run(x, rotation)
         blocks = Blocks(fine=layout, shorten_factor=self.shorten_factor, resample=self.resample)
         shortened = self.valley(self.downsample(x, blocks), blocks.coarse)
-        x = self.upsample(shortened, x, blocks)
-        return self.post(x, layout)
+        x = self.upsample(shortened, x, blocks, rotation)
+        return self.post.run(x, rotation)
 
 
 def build_body(config: HourglassConfig, depth: Depth) -> TransformerStack | HourglassLevel:

@@ -53,6 +53,11 @@ class Rotation(NamedTuple):
     sin: Tensor
 
     @classmethod
+    def at(cls, positions: Tensor, head_dim: int) -> "Rotation":
+        """The rotation of tokens at ``positions`` (..., N, axes), see :func:`rotary_angles`."""
+        return cls.from_angles(rotary_angles(positions, head_dim))
+
+    @classmethod
     def from_angles(cls, angles: Tensor) -> "Rotation":
         cos, sin = angles.cos(), angles.sin()
         return cls(cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2))
