@@ -1,6 +1,7 @@
 """The web app end to end in a real headless browser (Debian's Chromium driven by Playwright): generate,
 watch the result arrive, load it into the editor, paint a mask by dragging the mouse, inpaint several
-fills, see a refused field's message, and stop a long run.
+fills, see a refused field's message, upload images (one the model cannot edit as it is, with a notice),
+outpaint with the default extension, and stop a long run.
 
 Needs ``scripts/install_browser.sh`` (CI runs it); without Chromium or Playwright this test fails
 with that instruction rather than skipping. A screenshot is left at ``tests/artifacts/app.png``.
@@ -8,10 +9,12 @@ with that instruction rather than skipping. A screenshot is left at ``tests/arti
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sundae.app import BackgroundServer, create_app
 from sundae.pipeline import SundaePipeline
@@ -53,6 +56,12 @@ def app_url(tmp_path_factory):
         yield server.url, app
 
 
+def png_upload(name: str, side: int) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side), 128, np.uint8)).save(buffer, format="PNG")
+    return {"name": name, "mimeType": "image/png", "buffer": buffer.getvalue()}
+
+
 def fill_fields(page, form: str, values: dict[str, str]) -> None:
     for name, value in values.items():
         page.fill(f"#{form}-fields [name={name}]", value)
@@ -68,6 +77,8 @@ def test_generate_paint_a_mask_and_inpaint_in_a_browser(app_url):
         browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
+            missing = []
+            page.on("response", lambda response: missing.append(response.url) if response.status == 404 else None)
             page.goto(url)
             page.wait_for_selector("body[data-ready=true]", timeout=10_000)
             expect(page.locator("#model-info")).to_contain_text("tokenizer pixels (f=1, codebook 256) · 8×8 px")
@@ -114,6 +125,23 @@ def test_generate_paint_a_mask_and_inpaint_in_a_browser(app_url):
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
+            # an upload over the canvas limit (4 × 8x8) is fitted to the model's size, and the status says so
+            page.set_input_files("#upload", files=[png_upload("big.png", 40)])
+            expect(page.locator("#edit-status")).to_contain_text("big.png is 40×40 px, which this model cannot edit")
+            expect(page.locator("#edit-status")).to_contain_text("centre-cropped and resized to 8×8 px")
+            assert page.evaluate("[state.editor.width, state.editor.height]") == [8, 8]
+            # one it can edit is used as it is, and replaces the last status line
+            page.set_input_files("#upload", files=[png_upload("small.png", 16)])
+            expect(page.locator("#edit-status")).to_have_text("loaded small.png (16×16 px)")
+            assert page.evaluate("[state.editor.width, state.editor.height]") == [16, 16]
+            # outpainting extends the right side by default, so a first Run does something
+            page.select_option("#edit-mode", "outpaint")
+            expect(page.locator("#edit-fields [name=right]")).to_have_value("4")
+            fill_fields(page, "edit", {"num_images": "1", "steps": "4"})
+            page.click("#edit-button")
+            expect(page.locator("#edit-status")).to_contain_text("done: 1 image(s)", timeout=20_000)
+            assert pixels(page.locator("#edit-results img").first).shape == (16, 20)
+
             # Stop aborts the stream, which cancels the job on the server
             fill_fields(page, "generate", {"steps": "1000"})
             page.uncheck("#generate-fields [name=early_stop]")
@@ -123,6 +151,7 @@ def test_generate_paint_a_mask_and_inpaint_in_a_browser(app_url):
             expect(page.locator("#generate-status")).to_have_text("stopped")
             page.wait_for_function("async () => (await (await fetch('/api/info')).json()).unfinished_jobs === 0",
                                    timeout=10_000)
+            assert not missing, f"the page asked for missing files: {missing}"
         finally:
             browser.close()
     assert SCREENSHOT.stat().st_size > 1000

@@ -1,8 +1,10 @@
-"""The web app's server (sundae.app): request validation, one queued worker whose results match direct
-pipeline calls, cancellation on disconnect, and writes confined to the output folder.
+"""The web app's server (sundae.app): request validation, limits that follow the model, hostile
+bodies, one queued worker whose results match direct pipeline calls, cancellation on disconnect (also
+mid-encode and mid-decode), writes confined to the output folder, and a seeded request fuzzer.
 
 Everything goes over real HTTP to a uvicorn server on a free 127.0.0.1 port, with a tiny random
-pixel-token pipeline (grey 8x8 images, f=1).
+pixel-token pipeline (grey 8x8 images, f=1), and for the tokenizer's own paths a tiny VQ-GAN one
+(16x16 RGB, f=2).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import re
+import resource
 import threading
 import time
 from pathlib import Path
@@ -21,8 +25,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sundae.app import BackgroundServer, create_app, serve
-from sundae.app.server import allowed_hosts_for
+from sundae.app import BackgroundServer, create_app, load_pipeline, serve
+from sundae.app.server import allowed_hosts_for, model_name
+from sundae.app.validation import MAX_INTEGER_DIGITS, MAX_JSON_DEPTH
 from sundae.app.worker import Job, ModelWorker
 from sundae.config import HourglassConfig
 from sundae.denoiser import Hourglass
@@ -74,7 +79,7 @@ class ForwardCounter:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    pipeline = SundaePipeline.from_pretrained(build_tiny_pipeline_dir(root / "model"), device="cpu")
+    pipeline = load_pipeline(build_tiny_pipeline_dir(root / "tiny-run" / "model"), device="cpu")
     app = create_app(pipeline, output_dir=root / "outputs", max_body_bytes=64 * 1024)
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         yield client, pipeline, app, root
@@ -106,8 +111,12 @@ def sample_image(pipeline: SundaePipeline) -> np.ndarray:
 
 def test_info_describes_the_model_and_the_forms(client):
     info = client.get("/api/info").json()
-    assert info["model"] == {"name": "model", "tokenizer": "pixels", "factor": 1, "codebook_size": 256,
+    # a trainer exports <run>/model: the page names the run, not "model"
+    assert info["model"] == {"name": "tiny-run", "tokenizer": "pixels", "factor": 1, "codebook_size": 256,
                              "image_size": [8, 8], "channels": 1, "class_names": CLASS_NAMES, "device": "cpu"}
+    # what the page needs to tell the user what it did to an upload: f, the model's size and the canvas limit
+    assert info["limits"]["max_canvas"] == [32, 32] and info["limits"]["max_canvas_scale"] == 4
+    assert info["limits"]["max_batch_pixels"] == 64 * 8 * 8
     steps = next(field for field in info["operations"]["generate"] if field["name"] == "steps")
     assert (steps["minimum"], steps["maximum"], steps["default"]) == (1, 1000, 50)
     assert {field["name"] for field in info["operations"]["refine"]} >= {"image", "mask", "strength"}
@@ -178,11 +187,296 @@ def test_bad_images_and_masks_are_422(client, pipeline):
         response = client.post("/api/inpaint", json=body)
         assert response.status_code == 422, (body.keys(), response.text)
         assert response.json()["field"] == field and fragment in response.json()["error"], response.json()
-    no_sides = client.post("/api/outpaint", json={"image": png_data_url(image)})
+    no_sides = client.post("/api/outpaint", json={"image": png_data_url(image), "right": 0})
     assert no_sides.status_code == 422 and "at least one" in no_sides.json()["error"]
     strength = client.post("/api/refine", json={"image": png_data_url(image), "mask": png_data_url(mask),
                                                  "strength": 1.5})
     assert strength.status_code == 422 and strength.json()["field"] == "strength"
+
+
+# --- limits that follow the model, hostile bodies --------------------------------------------------
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def test_oversize_canvases_and_uploads_are_refused_at_once_naming_the_limit(served):
+    client, pipeline, app, _ = served
+    wait_until_idle(app)
+    image = png_data_url(sample_image(pipeline))
+    mask = png_data_url(np.full((8, 8), 255, np.uint8))
+    counter = ForwardCounter(pipeline.prior)
+    rss_before, started = peak_rss_bytes(), time.perf_counter()
+    try:
+        # the reported request: 84 bytes asking an 8x8 model for a 4008x4008 canvas
+        huge = client.post("/api/outpaint", json={"image": image, **dict.fromkeys(("left", "top", "right", "bottom"),
+                                                                                    2000)})
+        assert huge.status_code == 422, huge.text
+        assert "4008x4008 pixels; this model allows at most 32x32 (4 × its 8x8 images" in huge.json()["error"]
+        assert "max_canvas_scale" in huge.json()["error"]
+        wide = client.post("/api/outpaint", json={"image": image, "right": 32})
+        assert wide.status_code == 422 and wide.json()["field"] == "right" and "40x8" in wide.json()["error"]
+        # an upload over the limit is refused from its header, before its pixels are decoded
+        big = png_data_url(np.zeros((1024, 1024), np.uint8))
+        for kind in ("inpaint", "outpaint"):
+            response = client.post(f"/api/{kind}", json={"image": big, "mask": mask} if kind == "inpaint"
+                                   else {"image": big, "right": 8})
+            assert response.status_code == 422 and response.json()["field"] == "image", response.text
+            assert "1024x1024 pixels; this model allows at most 32x32" in response.json()["error"]
+        # a canvas within the limit, but too many fills of it: the pixel budget is the model's own batch
+        many = client.post("/api/outpaint", json={"image": image, "right": 24, "bottom": 24, "num_images": 8})
+        assert many.status_code == 422 and many.json()["field"] == "num_images"
+        assert "budget of 4096 pixels" in many.json()["error"]
+        elapsed = time.perf_counter() - started
+    finally:
+        counter.remove()
+    assert elapsed < 2 and counter.count == 0 and app.state.worker.unfinished == 0  # nothing was queued
+    assert peak_rss_bytes() - rss_before < 200 * 2**20
+    largest = events_of(client.post("/api/outpaint", json={"image": image, "right": 24, "bottom": 24,
+                                                            "num_images": 4, **FAST}))[-1]
+    assert largest["event"] == "done" and decode_data_url(largest["images"][0]).shape == (32, 32)
+
+
+def test_the_canvas_limit_is_a_server_option(pipeline):
+    with BackgroundServer(create_app(pipeline, max_canvas_scale=2)) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.get("/api/info").json()["limits"]["max_canvas"] == [16, 16]
+        image = png_data_url(sample_image(pipeline))
+        refused = client.post("/api/outpaint", json={"image": image, "right": 9})
+        assert refused.status_code == 422 and "at most 16x16 (2 × its 8x8" in refused.json()["error"]
+    with pytest.raises(ValueError, match="max_canvas_scale must be a number >= 1"):
+        create_app(pipeline, max_canvas_scale=0.5)
+
+
+def test_hostile_json_is_a_one_line_400_and_the_connection_serves_on(client):
+    digits, too_deep = "1" * 5000, f"more than {MAX_JSON_DEPTH} levels deep"
+    bodies = {
+        "deep": (b"[" * 60_000, too_deep),  # under the fixture's 64 KiB body limit
+        "deep objects": (b'{"a":' * 12_000, too_deep),
+        "deep but parseable": (b"[" * 500 + b"]" * 500, too_deep),
+        "long integer": (f'{{"steps": {digits}}}'.encode(), "integer of 5000 digits"),
+        "long negative seed": (b'{"seed": -' + b"9" * 31 + b"}", f"no field takes more than {MAX_INTEGER_DIGITS}"),
+        "not UTF-8": (b'{"steps": "\xff\xfe"}', "not valid JSON"),
+        "overflowing float": (b'{"temperature": 1e999}', "finite number"),
+    }
+    for name, (body, fragment) in bodies.items():
+        response = client.post("/api/generate", content=body, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+        error = response.json()["error"]
+        assert "\n" not in error and len(error) < 300 and "Traceback" not in response.text, (name, error)
+        assert fragment in error, (name, error)
+        assert response.headers.get("connection") != "close", name  # the next request reuses the connection
+        done = events_of(client.post("/api/generate", json={"seed": 1, **FAST}))[-1]
+        assert done["event"] == "done", name
+
+
+def test_a_bug_is_a_one_line_500_and_the_connection_serves_on(client, monkeypatch):
+    from sundae.app import operations
+
+    def broken(*_: object) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(operations, "prepare", broken)
+        response = client.post("/api/generate", json={"seed": 1})
+    assert response.status_code == 500 and response.json()["error"] == \
+        "internal error (ZeroDivisionError); see the server log"
+    assert response.headers.get("connection") != "close"
+    assert events_of(client.post("/api/generate", json={"seed": 1, **FAST}))[-1]["event"] == "done"
+
+
+def test_favicon_model_names_and_the_outpaint_default(client, tmp_path):
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.content.startswith(b"<svg") and client.get("/static/favicon.svg").content == icon.content
+    assert 'rel="icon" href="/static/favicon.svg"' in client.get("/").text
+    outpaint = {field["name"]: field for field in client.get("/api/info").json()["operations"]["outpaint"]}
+    # a first Run extends the right side by half the model's width, in steps of f
+    assert [outpaint[side]["default"] for side in ("left", "top", "right", "bottom")] == [0, 0, 4, 0]
+    assert outpaint["right"]["step"] == 1
+    for folder, config, expected in [("run-a/model", {}, "run-a"), ("fashion", {}, "fashion"),
+                                     ("run-b/model", {"name": "Fashion prior"}, "Fashion prior")]:
+        directory = tmp_path / folder
+        directory.mkdir(parents=True)
+        (directory / "config.json").write_text(json.dumps(config))
+        assert model_name(directory) == expected
+
+
+# --- a seeded fuzzer -----------------------------------------------------------------------------
+
+
+def fuzz_images(rng: random.Random) -> list[str]:
+    """Image fields a client might send: valid ones in every upload format and mode, and broken ones."""
+    grey = np.random.default_rng(rng.randrange(2**32)).integers(0, 256, (8, 8), dtype=np.uint8)
+
+    def encoded(image: Image.Image, fmt: str = "PNG") -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    png = encoded(Image.fromarray(grey))
+    return [
+        png, png_data_url(np.full((8, 8), 255, np.uint8)), png.split(",", 1)[1],  # bare base64
+        encoded(Image.fromarray(grey).convert("RGBA")), encoded(Image.fromarray(grey).convert("P")),
+        encoded(Image.fromarray(grey).convert("1")), encoded(Image.fromarray(grey.astype(np.uint16) * 200)),  # I;16
+        encoded(Image.fromarray(grey).convert("RGB"), "JPEG"), encoded(Image.fromarray(grey), "GIF"),
+        encoded(Image.fromarray(grey), "BMP"), encoded(Image.fromarray(grey).convert("RGB"), "WEBP"),
+        png_data_url(np.zeros((7, 9), np.uint8)), png_data_url(np.zeros((1, 4000), np.uint8)),
+        png_data_url(np.zeros((40, 8), np.uint8)), png[: len(png) // 2], png + "AAAA", "data:image/png;base64,",
+        "data:,", "", "@@@", "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(40)).decode(),
+        "data:image/png;base64," + base64.b64encode(rng.randbytes(64)).decode(),
+    ]
+
+
+def fuzz_value(rng: random.Random, images: list[str], depth: int = 0):
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return rng.choice([None, True, False])
+    if kind == 1:  # small valid-looking and huge integers (no mid-size steps: keep accepted jobs short)
+        return rng.choice([0, 1, 2, 3, 7, 8, 16, 24, -1, -8, 2**31, 2**53, 2**63, 10**25, -(10**29)])
+    if kind == 2:
+        return rng.choice([0.0, 0.5, 1.0, -0.1, 1e-300, 1e308, -1e308, 49.9, 50.1, float("nan"), float("inf")])
+    if kind == 3:
+        return rng.choice(["", "50", "dots", "Dots", "1_dots", "-1", "٣", "²", "any", "all", "x" * 300,
+                           "../../etc/passwd", "\u0000", "1" * 50])
+    if kind in (4, 5):
+        return rng.choice(images)
+    if kind in (6, 7):
+        return [fuzz_value(rng, images, depth + 1) for _ in range(rng.randrange(4))]
+    return {rng.choice(["steps", "image", "a", ""]): fuzz_value(rng, images, depth + 1)
+            for _ in range(rng.randrange(3))}
+
+
+def fuzz_request(rng: random.Random, images: list[str]) -> tuple[str, str, bytes, str]:
+    """(method, path, body, content type): mostly mutated valid requests, some random values or bytes."""
+    kind = rng.choice(["generate", "inpaint", "refine", "outpaint"])
+    path = f"/api/{kind}"
+    body: dict = {"steps": rng.randrange(1, 4), "num_images": rng.randrange(1, 3), "seed": rng.randrange(100)}
+    if kind != "generate":
+        body["image"] = images[0]
+    if kind in ("inpaint", "refine"):
+        body["mask"] = images[1]
+    if kind == "outpaint":
+        body[rng.choice(["left", "top", "right", "bottom"])] = rng.choice([1, 4, 8, 24, 25, 2000, -3, 10**6])
+    fields = ["steps", "num_images", "seed", "temperature", "end_temperature", "proportion", "class_label",
+              "guidance_scale", "early_stop", "image", "mask", "mask_rule", "paste_back", "strength", "left", "top",
+              "right", "bottom", "unknown", "__proto__"]
+    for _ in range(rng.randrange(4)):
+        if body and rng.random() < 0.25:
+            body.pop(rng.choice(sorted(body)))
+        else:
+            body[rng.choice(fields)] = fuzz_value(rng, images)
+    shape = rng.random()
+    if shape < 0.75:
+        content = json.dumps(body).encode()
+    elif shape < 0.85:
+        content = json.dumps(fuzz_value(rng, images)).encode()
+    elif shape < 0.95:
+        text = json.dumps(body).encode()
+        content = rng.choice([text[: rng.randrange(len(text))], rng.randbytes(rng.randrange(1, 200)),
+                              b"[" * rng.randrange(1, 5000), b'{"seed": ' + b"7" * rng.randrange(20, 6000) + b"}",
+                              text.replace(b"1", b"1" * 40, 1)])
+    else:
+        method = rng.choice(["GET", "PUT", "DELETE"])
+        return method, rng.choice([path, "/api/info", "/api/nothing", "/static/../server.py", "/favicon.ico"]), b"", ""
+    content_type = rng.choice(["application/json"] * 12 + ["text/plain", "application/json; charset=utf-8", ""])
+    return "POST", path, content, content_type
+
+
+def test_fuzzed_requests_never_get_a_server_error(served):
+    client, pipeline, app, _ = served
+    wait_until_idle(app)
+    rng = random.Random(1234)
+    images = fuzz_images(rng)
+    statuses: dict[int, int] = {}
+    for index in range(300):
+        method, path, content, content_type = fuzz_request(rng, images)
+        headers = {"content-type": content_type} if content_type else {}
+        with client.stream(method, path, content=content or None, headers=headers) as response:
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            case = (index, method, path, content[:200], response.status_code)
+            assert response.status_code < 500, (case, response.read()[:300])
+            if response.status_code != 200 or not path.startswith("/api/") or method != "POST":
+                continue
+            if index % 5 == 0:
+                continue  # leave mid-stream: the job is cancelled
+            events = [json.loads(line) for line in response.iter_lines() if line]
+            assert events[0]["event"] == "queued" and events[-1]["event"] in ("done", "error"), (case, events[-1])
+            assert not events[-1].get("message", "").startswith("internal error"), (case, events[-1])
+    assert statuses.get(200, 0) >= 20 and statuses.get(422, 0) >= 100, statuses  # both sides were exercised
+    wait_until_idle(app)
+    done = events_of(client.post("/api/generate", json={"seed": 3, **FAST}))[-1]
+    assert done["event"] == "done" and len(done["images"]) == 4
+
+
+# --- the tokenizer's paths: uploads the CLI refuses, cancelling a long encode or decode ---------------
+
+
+@pytest.fixture(scope="module")
+def vq_served(tiny_pipeline_dir):
+    """A tiny VQ-GAN pipeline (16x16 RGB, f=2) of its own, so slowing its tokenizer touches no other test."""
+    pipeline = SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+    app = create_app(pipeline)
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client, pipeline, app
+
+
+def rgb_data_url(height: int, width: int) -> str:
+    return png_data_url(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_an_upload_the_cli_refuses_is_refused_with_the_clis_reason(vq_served):
+    client, _, app = vq_served
+    info = client.get("/api/info").json()
+    assert info["model"]["factor"] == 2 and info["model"]["image_size"] == [16, 16]
+    assert info["limits"]["max_canvas"] == [64, 64]
+    response = client.post("/api/outpaint", json={"image": rgb_data_url(15, 16), "right": 8})
+    assert response.status_code == 422 and response.json()["field"] == "image"
+    assert "is 16x15 pixels; both sides must be multiples of the tokenizer factor f=2" in response.json()["error"]
+    odd_side = client.post("/api/outpaint", json={"image": rgb_data_url(16, 16), "right": 3})
+    assert odd_side.status_code == 422 and odd_side.json()["field"] == "right"
+
+
+class SlowModules:
+    """Makes every Conv2d of ``module`` sleep ``delay`` seconds after its forward; ``entered`` is set at the first."""
+
+    def __init__(self, module: torch.nn.Module, delay: float) -> None:
+        self.entered = threading.Event()
+        self.delay = delay
+        self.convolutions = [sub for sub in module.modules() if isinstance(sub, torch.nn.Conv2d)]
+        self._handles = [sub.register_forward_hook(self._hook) for sub in self.convolutions]
+
+    def _hook(self, *_: object) -> None:
+        self.entered.set()
+        time.sleep(self.delay)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_a_disconnect_stops_a_long_encode_or_decode_within_a_second(vq_served, part):
+    client, pipeline, app = vq_served
+    wait_until_idle(app)
+    slow = SlowModules(getattr(pipeline.tokenizer, part), delay=0.1)
+    assert len(slow.convolutions) * slow.delay > 1.5  # one pass alone would outlast the bound below
+    mask = png_data_url(np.full((16, 16), 255, np.uint8))
+    try:
+        with client.stream("POST", "/api/inpaint", json={"image": rgb_data_url(16, 16), "mask": mask,
+                                                          "num_images": 1, "steps": 2}) as response:
+            assert response.status_code == 200
+            assert slow.entered.wait(20), f"the job never reached the {part}"
+        left = time.perf_counter()  # the block closed the connection mid-{part}
+        wait_until_idle(app, timeout=10)
+        freed_after = time.perf_counter() - left
+    finally:
+        slow.remove()
+    assert freed_after < 1.0, f"the worker was busy {freed_after:.2f}s after the client left"
+    done = events_of(client.post("/api/inpaint", json={"image": rgb_data_url(16, 16), "mask": mask,
+                                                        "num_images": 1, "steps": 2}))[-1]
+    assert done["event"] == "done"
 
 
 # --- results --------------------------------------------------------------------------------------

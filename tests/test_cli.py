@@ -19,11 +19,12 @@ def image_path(tmp_path):
     return path
 
 
-def write_grey_images(folder, *, side: int, count: int = 12):
+def write_grey_images(folder, *, side: int, count: int = 12, channels: int = 1):
     folder.mkdir()
     rng = np.random.default_rng(0)
+    shape = (side, side) if channels == 1 else (side, side, channels)
     for index in range(count):
-        Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(folder / f"{index}.png")
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"{index}.png")
     return folder
 
 
@@ -106,8 +107,8 @@ def test_evaluate_and_sweep_write_reports(tiny_pipeline_dir, tmp_path):
     from sundae.eval.classifier import ClassifierConfig, SmallClassifier
 
     classifier = tmp_path / "classifier"
-    SmallClassifier(ClassifierConfig(image_size=16, width=4, feature_dim=6)).save_pretrained(classifier)
-    real = write_grey_images(tmp_path / "real", side=16)
+    SmallClassifier(ClassifierConfig(in_channels=3, image_size=16, width=4, feature_dim=6)).save_pretrained(classifier)
+    real = write_grey_images(tmp_path / "real", side=16, channels=3)
     out = tmp_path / "report.json"
     result = run("evaluate", tiny_pipeline_dir, "--real", real, "--extractor-path", classifier, "--num-samples", 10,
                  "--steps", 2, "--nearest-k", 2, "--out", out)
@@ -121,6 +122,61 @@ def test_evaluate_and_sweep_write_reports(tiny_pipeline_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "sweep" / "sweep.png").is_file()
     assert len((tmp_path / "sweep" / "sweep.csv").read_text().splitlines()) == 3
+
+
+def test_evaluate_refuses_a_feature_network_of_another_domain_before_sampling(tiny_pipeline_dir, tmp_path):
+    """The shipped Fashion-MNIST classifier must not score a user's RGB model (it printed FID 44.8 on photos)."""
+    real = write_grey_images(tmp_path / "real", side=16, channels=3)
+    result = CliRunner().invoke(main, ["evaluate", str(tiny_pipeline_dir), "--real", str(real), "--num-samples", "4",
+                                       "--out", str(tmp_path / "report.json")])
+    assert result.exit_code == 2
+    assert "grey 28x28 images of T-shirt/top" in result.output and "--extractor inception" in result.output
+    assert "evaluate:" not in result.output and not (tmp_path / "report.json").exists()
+
+
+def test_sweep_checks_matplotlib_before_any_sampling(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    result = CliRunner().invoke(main, ["sweep", str(tiny_pipeline_dir), "--real", str(tmp_path), "--parameter",
+                                       "steps", "--values", "1,2", "--out-dir", str(tmp_path / "sweep")])
+    assert result.exit_code == 2 and "pip install -e '.[eval]'" in result.output
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_guidance_without_classes_cycles_through_every_class(tiny_pipeline_dir, tmp_path):
+    result = run("sample", tiny_pipeline_dir, "--out", tmp_path / "g.png", "-n", 3, "--steps", 2, "--guidance", 2.0)
+    assert result.exit_code == 0, result.output
+    assert "cycling through the model's 3 classes" in result.output
+
+
+def test_the_same_model_option_on_every_command_and_flag_names_in_errors(tiny_pipeline_dir, tmp_path):
+    result = run("sample", "--model", tiny_pipeline_dir, "--out", tmp_path / "m.png", "-n", 1, "--steps", 1)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["sample", "--model", str(tiny_pipeline_dir), "--top-p", "2", "--out",
+                                       str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "error: --top-p must be in (0, 1]" in result.output
+    assert "sampling" not in result.output  # refused before the progress bar starts
+
+
+def test_describe_without_a_preset_lists_them():
+    result = run("describe")
+    assert result.exit_code == 0
+    assert "ffhq1024" in result.output and "M parameters" in result.output
+
+
+def test_an_internal_error_is_not_disguised_as_bad_input(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from sundae import pipeline as pipeline_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug deep inside")
+
+    monkeypatch.setattr(pipeline_module.SundaePipeline, "__call__", broken)
+    result = CliRunner().invoke(main, ["sample", str(tiny_pipeline_dir), "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 1 and "internal error: ValueError: a bug deep inside" in result.output
+    assert "error: a bug" not in result.output.replace("internal error: ValueError: a bug", "")
 
 
 def test_the_shipped_default_model_samples_with_no_model_argument(tmp_path):

@@ -63,16 +63,30 @@ def test_classifier_features_are_the_penultimate_layer_named_by_the_weights(extr
     np.testing.assert_allclose(features, model.features(real_images).detach().numpy(), rtol=1e-6, atol=1e-6)
     digest = feature_module.sha256_file(classifier_dir / "model.safetensors")
     assert extractor.name == f"classifier:{digest[:12]}"
-    rgb = real_images.expand(-1, 3, -1, -1)
-    np.testing.assert_allclose(extractor(rgb), features, rtol=1e-6, atol=1e-6)  # RGB is averaged to grey
-    larger = torch.nn.functional.interpolate(real_images, scale_factor=2, mode="nearest")
-    assert extractor(larger).shape == (60, 8)
+    assert torch.equal(extractor.classify(real_images), model(real_images).argmax(dim=1))
+
+
+def test_a_classifier_refuses_images_of_another_domain(extractor, real_images):
+    """A dataset classifier is no feature network for other data: no silent grey averaging or resizing."""
+    with pytest.raises(FeatureExtractorError, match=r"grey 8x8 images; these are 3-channel 8x8.*--extractor inception"):
+        extractor(real_images.expand(-1, 3, -1, -1))
+    with pytest.raises(FeatureExtractorError, match="1-channel 16x16"):
+        extractor(torch.nn.functional.interpolate(real_images, scale_factor=2, mode="nearest"))
+    extractor.check_domain(None, (1, SIDE, SIDE))
+
+
+def test_a_classifier_refuses_a_model_of_other_classes(tmp_path):
+    model = SmallClassifier(ClassifierConfig(image_size=SIDE, num_classes=3, width=4, feature_dim=8))
+    named = ClassifierFeatures(model.save_pretrained(tmp_path / "c", extra={"class_names": ["a", "b", "c"]}))
+    named.check_domain(["a", "b", "c"], (1, SIDE, SIDE))
+    with pytest.raises(FeatureExtractorError, match="the model's classes are cat, dog, emu"):
+        named.check_domain(["cat", "dog", "emu"], (1, SIDE, SIDE))
 
 
 def test_extractors_reject_bad_images(extractor, real_images):
     with pytest.raises(FeatureExtractorError, match=r"must lie in \[-1, 1\], got values in \[0, 255\]"):
         extractor(torch.full((2, 1, SIDE, SIDE), 255.0).index_fill_(0, torch.tensor([0]), 0.0))
-    with pytest.raises(FeatureExtractorError, match="square"):
+    with pytest.raises(FeatureExtractorError, match="4x8 images"):
         extractor(real_images[:, :, :, :4])
     with pytest.raises(FeatureExtractorError, match=r"\(B, C, H, W\)"):
         extractor(real_images[0])
@@ -187,7 +201,7 @@ def test_evaluate_reports_everything_and_matches_a_direct_computation(pipeline, 
     assert report["seed"] == 7
     assert 1 <= report["mean_steps_taken"] <= 2
     assert set(report["metrics"]) == {"fid", "fid_infinity", "fid_infinity_points", "precision", "recall", "density",
-                                      "coverage"}
+                                      "coverage", "class_accuracy"}
     assert report["metrics"]["fid_infinity"] is not None and report["notes"] == []
 
     # the same images in one batch (sample i has seed 7 + i, classes cycle 0, 1, 2, ...)
@@ -196,6 +210,9 @@ def test_evaluate_reports_everything_and_matches_a_direct_computation(pipeline, 
     assert report["metrics"]["fid"] == pytest.approx(fid_from_features(real, fake), rel=1e-9)
     for name, value in precision_recall_density_coverage(real, fake, k=5).items():
         assert report["metrics"][name] == pytest.approx(value, abs=1e-12)
+    requested = torch.arange(24) % 3
+    expected_accuracy = (extractor.classify(images) == requested).float().mean().item()
+    assert report["metrics"]["class_accuracy"] == pytest.approx(expected_accuracy)
 
 
 def test_evaluate_without_enough_samples_for_fid_infinity_notes_why(pipeline, extractor, real_images):

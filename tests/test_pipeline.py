@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
 
 from sundae.checkpoint import CheckpointError
-from sundae.pipeline import SundaePipeline, box_mask, token_mask_from_pixels
+from sundae.config import HourglassConfig, VQGANConfig
+from sundae.denoiser import Hourglass
+from sundae.pipeline import TOKENIZER_SUBDIR, SundaePipeline, box_mask, token_mask_from_pixels
+from sundae.tokenizer import VQGAN
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +125,46 @@ def test_decode_tiles_and_runtime_options_are_checked(tiny_pipeline_dir, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="CUDA is not available"):
         SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cuda")
+
+
+def weight_files(directory) -> dict[str, dict[str, torch.Tensor]]:
+    return {"prior": load_file(directory / "model.safetensors"),
+            "tokenizer": load_file(directory / TOKENIZER_SUBDIR / "model.safetensors")}
+
+
+def test_a_bfloat16_pipeline_saves_the_weights_it_loaded_bit_for_bit(tiny_pipeline_dir, tmp_path):
+    half = SundaePipeline.from_pretrained(tiny_pipeline_dir, device="cpu", precision="bfloat16")
+    half(2, seed=0, steps=2, output_type="pt")
+    half.save_pretrained(tmp_path / "copy")
+    original, saved = weight_files(tiny_pipeline_dir), weight_files(tmp_path / "copy")
+    for part in ("prior", "tokenizer"):
+        assert saved[part].keys() == original[part].keys()
+        for key, tensor in original[part].items():
+            assert saved[part][key].dtype == tensor.dtype == torch.float32, key
+            assert torch.equal(saved[part][key].view(torch.int32), tensor.view(torch.int32)), key  # bit for bit
+
+
+def test_precision_leaves_the_modules_given_as_they_were(picture):
+    torch.manual_seed(0)
+    tokenizer = VQGAN(VQGANConfig(resolution=16, channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+                                  attention_resolutions=(), z_channels=32, embed_dim=8, codebook_size=16))
+    prior = Hourglass(HourglassConfig(codebook_size=16, dim=32, depth=(1, 1, 1), heads=2, head_dim=16,
+                                      latent_shape=(8, 8), num_classes=None)).train()
+    before = {name: {key: value.clone() for key, value in module.state_dict().items()}
+              for name, module in (("prior", prior), ("tokenizer", tokenizer))}
+    half = SundaePipeline(prior, tokenizer, precision="bfloat16")
+    half(2, seed=1, steps=3, output_type="pt")
+    half.inpaint(picture, box_mask((16, 16), (0, 0, 8, 8)), seed=1, steps=2, output_type="pt")
+    for name, module in (("prior", prior), ("tokenizer", tokenizer)):
+        after = module.state_dict()
+        assert after.keys() == before[name].keys()
+        for key, value in before[name].items():
+            assert after[key].dtype == value.dtype and torch.equal(after[key], value), (name, key)
+    assert prior.training and half.master_prior is prior and half.master_tokenizer is tokenizer
+    # what runs is cast once: bf16 Linear weights and decoder, sharing the tensors the cast leaves alone
+    linears = [layer for layer in half.prior.modules() if isinstance(layer, nn.Linear)]
+    assert linears and all(layer.weight.dtype == torch.bfloat16 for layer in linears)
+    assert half.tokenizer.decoder.conv_out.weight.dtype == torch.bfloat16 and not half.prior.training
+    assert half.tokenizer.encoder.conv_in.weight.data_ptr() == tokenizer.encoder.conv_in.weight.data_ptr()
+    full = SundaePipeline(prior, tokenizer, precision="float32")
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(full.prior.parameters(), prior.parameters()))

@@ -44,3 +44,37 @@ def test_precision_names():
     assert resolve_precision("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="precision must be"):
         resolve_precision("half", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)])
+def test_training_precision_auto_is_bf16_only_where_its_matmuls_are_native(monkeypatch, amx, avx512_bf16, expected):
+    from sundae.runtime import native_bf16, resolve_training_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) == (expected == torch.bfloat16)
+    assert resolve_training_precision("auto", cpu) == expected
+    assert resolve_training_precision("float32", cpu) == torch.float32  # an explicit choice always wins
+    assert resolve_training_precision("bfloat16", cpu) == torch.bfloat16
+
+
+def test_ema_decay_warms_up_as_min_decay_and_1_plus_n_over_10_plus_n():
+    from sundae.training.common import ExponentialMovingAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = ExponentialMovingAverage(model, decay=0.9)
+    expected = 0.0
+    for n, value in enumerate(float(v) for v in torch.randint(-5, 6, (100,), generator=torch.Generator().manual_seed(0))):
+        decay = min(0.9, (1 + n) / (10 + n))
+        assert ema.current_decay() == pytest.approx(decay)
+        model.weight.data.fill_(value)
+        ema.update(model)
+        expected = decay * expected + (1 - decay) * value
+        assert ema.shadow["weight"].item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert ema.current_decay() == 0.9  # (1 + n) / (10 + n) reaches 0.9 at n = 80
+    restored = ExponentialMovingAverage(model, decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 100 and torch.equal(restored.shadow["weight"], ema.shadow["weight"])

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sundae.config import ConfigError, HOURGLASS_PRESETS
 from sundae.denoiser import Hourglass
 from sundae.sampler import (
-    SamplingOptions, categorical_from_uniform, filter_logits, rows_to_keep, sample, step_function, uniform_noise,
+    _STREAM_INIT, _STREAM_UPDATE, SamplingOptions, categorical_from_uniform, filter_logits, rows_to_keep, sample,
+    step_function, uniform_noise,
 )
 
 
@@ -36,6 +37,31 @@ class PeakedDenoiser(nn.Module):
         if class_labels is not None:
             target = (target + class_labels.view(b, 1, 1)) % self.config.codebook_size
         return torch.nn.functional.one_hot(target, self.config.codebook_size).float() * self.sharpness + self.anchor
+
+
+class EchoDenoiser(nn.Module):
+    """Logits that peak at the current token: every update leaves a sample as it was."""
+
+    def __init__(self, codebook_size: int = 16) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(codebook_size=codebook_size, num_classes=None, null_class=None)
+        self.anchor = nn.Parameter(torch.zeros(()))
+        self.rows: list[int] = []
+
+    def forward(self, tokens, class_labels=None):
+        self.rows.append(tokens.shape[0])
+        return torch.nn.functional.one_hot(tokens, self.config.codebook_size).float() * 50.0 + self.anchor
+
+
+def start_noise(seeds: list[int], grid: tuple[int, int], codebook_size: int) -> torch.Tensor:
+    """The uniform tokens (B, h, w) the sampler draws for randomized positions (its init stream)."""
+    uniform = uniform_noise(torch.tensor(seeds), -1, _STREAM_INIT, grid)
+    return (uniform * codebook_size).long().clamp(max=codebook_size - 1)
+
+
+def drawn_for_update(seeds: list[int], step_index: int, grid: tuple[int, int], proportion: float) -> torch.Tensor:
+    """(B, h, w) bool: the positions that step ``step_index`` (from 0) draws for update (its update stream)."""
+    return uniform_noise(torch.tensor(seeds), step_index, _STREAM_UPDATE, grid) < proportion
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +105,54 @@ def test_samples_stop_independently_and_match_the_full_trajectory():
     full = sample(model, options=options.replace(early_stop=False), num_samples=8, grid_shape=(3, 3), seeds=seeds,
                   return_trajectory=True)
     assert len(set(stopped.steps_taken.tolist())) > 1, "samples should stop at different steps"
+    noise = start_noise(seeds, (3, 3), 16)
     for i in range(8):
         taken = int(stopped.steps_taken[i])
-        path = [full.trajectory[t][i] for t in range(options.steps)]
-        first_unchanged = next((t + 1 for t in range(1, options.steps) if torch.equal(path[t], path[t - 1])),
-                               options.steps)
-        assert taken == first_unchanged
-        assert torch.equal(stopped.tokens[i], path[taken - 1])
+        path = [noise[i]] + [full.trajectory[t][i] for t in range(options.steps)]  # path[t]: after step t
+        # step t stops a sample when it updated some position of it and changed none
+        updated = [drawn_for_update(seeds, t, (3, 3), 0.3)[i].any() for t in range(options.steps)]
+        first_stop = next((t for t in range(1, options.steps + 1)
+                           if updated[t - 1] and torch.equal(path[t], path[t - 1])), options.steps)
+        assert taken == first_stop
+        assert torch.equal(stopped.tokens[i], path[taken])
+
+
+def test_a_one_token_inpaint_stops_only_after_a_step_that_updated_its_token():
+    """With one free token most steps draw no free position; such a step changes nothing but must not stop
+    the sample, or it would return its starting noise. The peaked model proposes the target token, so a
+    sample takes it at its first update and stops at the update after (at the first if it started there)."""
+    model = PeakedDenoiser(codebook_size=16, sharpness=50.0)
+    count, grid, steps, proportion = 200, (3, 3), 10, 0.4
+    seeds = list(range(100, 100 + count))
+    keep = torch.ones(count, *grid, dtype=torch.bool)
+    keep[:, 1, 2] = False
+    result = sample(model, options=SamplingOptions(steps=steps, proportion=proportion, temperature=1.0,
+                                                   end_temperature=1.0),
+                    tokens=torch.zeros(count, *grid, dtype=torch.long), randomize_mask=~keep, keep_mask=keep,
+                    seeds=seeds)
+    target = (1 * 3 + 2) * 7 % 16
+    noise = start_noise(seeds, grid, 16)[:, 1, 2]
+    drawn = torch.stack([drawn_for_update(seeds, t, grid, proportion)[:, 1, 2] for t in range(steps)], dim=1)
+    expected = []
+    for i in range(count):
+        draws = [t + 1 for t in range(steps) if drawn[i, t]]  # the steps that updated the free token
+        needed = 1 if noise[i] == target else 2
+        expected.append(draws[needed - 1] if len(draws) >= needed else steps)
+    assert result.steps_taken.tolist() == expected
+    updated = drawn.any(dim=1)
+    assert (result.tokens[updated, 1, 2] == target).all()  # never the starting noise
+    assert int((~drawn[:, 0] & (noise != target)).sum()) > 80  # the case that used to stop at step 1
+    assert torch.equal(result.tokens[keep], torch.zeros(count, *grid, dtype=torch.long)[keep])
+
+
+@pytest.mark.parametrize("min_steps, stop", [(0, 1), (1, 1), (2, 2), (3, 3), (5, 5), (8, 8), (12, 8)])
+def test_min_steps_is_the_earliest_stop(min_steps, stop):
+    """Every step leaves an echoing model's samples as they were, so each stops at its earliest step."""
+    model = EchoDenoiser()
+    result = sample(model, options=SamplingOptions(steps=8, proportion=1.0, min_steps=min_steps), num_samples=3,
+                    grid_shape=(2, 2), seeds=[0, 1, 2])
+    assert result.steps_taken.tolist() == [stop] * 3
+    assert model.rows == [3] * stop
 
 
 def test_finished_samples_leave_the_forward_batch():

@@ -24,10 +24,12 @@ from sundae.config import ConfigError
 from sundae.tokenizer.taming import (
     InertGlobal,
     UnsafeCheckpointError,
+    config_from_taming_yaml,
     convert_taming,
     infer_config_from_state_dict,
     load_taming_state_dict,
-    restricted_pickle,
+    load_taming_vqgan,
+    read_checkpoint_payload,
 )
 from sundae.tokenizer.vqgan import VQGAN
 
@@ -304,8 +306,9 @@ def test_gumbel_checkpoint_matches_taming_reference(tmp_path) -> None:
     state = random_taming_state(GUMBEL_LAYOUT, seed=4)
     path = tmp_path / "gumbel.ckpt"
     torch.save(lightning_payload(with_loss_weights(state), tmp_path / MARKER_NAME), path)
-    model = VQGAN.from_taming(path)
+    model = load_taming_vqgan(path, resolution=32)  # a layout no preset has: the resolution must be given
     assert model.config.quantizer == "gumbel" and model.config.num_res_blocks == 2
+    assert (model.config.resolution, model.config.attention_resolutions) == (32, (16,))
     assert_matches_reference(model, state, GUMBEL_LAYOUT)
 
 
@@ -387,7 +390,7 @@ def test_preset_is_honoured_and_mismatches_are_listed(tmp_path) -> None:
     listed = r"missing \(1\): decoder\.conv_out\.bias[\s\S]*unexpected \(1\): quantize\.unexpected"
     with pytest.raises(CheckpointError, match=listed):
         VQGAN.from_taming(path, preset="tiny-f4")
-    with pytest.raises(ConfigError, match="either config_path or preset"):
+    with pytest.raises(ConfigError, match="one of config_path, preset or resolution"):
         VQGAN.from_taming(path, config_path=tmp_path / "x.yaml", preset="tiny-f4")
 
 
@@ -404,7 +407,7 @@ def test_foreign_globals_become_inert_placeholders(tmp_path) -> None:
     marker = tmp_path / MARKER_NAME
     path = tmp_path / "last.ckpt"
     torch.save(lightning_payload(random_taming_state(VQ_LAYOUT), marker), path)
-    payload = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+    payload = read_checkpoint_payload(path)
     assert not marker.exists()
     (callback_class, callback), = payload["callbacks"].items()
     assert issubclass(callback_class, InertGlobal) and callback_class.name == "RecordingCallback"
@@ -445,8 +448,9 @@ def test_corrupted_checkpoints_are_a_clear_error(tmp_path) -> None:
     path = tmp_path / "last.ckpt"
     torch.save(lightning_payload(random_taming_state(VQ_LAYOUT), tmp_path / MARKER_NAME), path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+    with pytest.raises(CheckpointError, match="truncated or corrupted") as caught:
         load_taming_state_dict(path)
+    assert "download" not in str(caught.value)  # the same words reach hostile files: never "fetch it again"
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         load_taming_state_dict(path)
@@ -462,3 +466,87 @@ def test_kl_autoencoders_are_rejected() -> None:
     state["encoder.conv_out.weight"] = torch.zeros(64, 64, 3, 3)
     with pytest.raises(CheckpointError, match="KL autoencoder"):
         infer_config_from_state_dict(state)
+
+
+# taming's f16 first stages (256²) and the paper's f=32 model (1024², Table 4), as shapes only
+TAMING_F16_LAYOUT = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attention_levels=(4,), z_channels=256,
+                         embed_dim=256, n_embed=1024, gumbel=False)
+PAPER_F32_LAYOUT = dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, attention_levels=(4, 5),
+                        z_channels=256, embed_dim=256, n_embed=8192, gumbel=False)
+
+
+def meta_state(layout: dict) -> dict[str, torch.Tensor]:
+    return {key: torch.empty(shape, device="meta") for key, shape in taming_shapes(**layout).items()}
+
+
+@pytest.mark.parametrize("layout, resolution, attention", [
+    (TAMING_F16_LAYOUT, 256, (16,)),
+    (PAPER_F32_LAYOUT, 1024, (64, 32)),  # was read as 256², so `sundae encode` worked at a quarter size
+    (VQ_LAYOUT, 32, (8,)),
+])
+def test_resolution_is_taken_from_the_preset_the_weights_match(layout, resolution: int, attention) -> None:
+    config = infer_config_from_state_dict(meta_state(layout))
+    assert (config.resolution, config.attention_resolutions) == (resolution, attention)
+
+
+def test_resolution_must_be_given_when_the_weights_match_no_preset(tmp_path) -> None:
+    unknown = {**PAPER_F32_LAYOUT, "n_embed": 4096}
+    with pytest.raises(ConfigError, match=r"not stored in the weights[\s\S]*f=32, 6 levels[\s\S]*--config") as caught:
+        infer_config_from_state_dict(meta_state(unknown))
+    assert caught.value.field == "resolution"
+    config = infer_config_from_state_dict(meta_state(unknown), resolution=512)
+    assert (config.resolution, config.attention_resolutions) == (512, (32, 16))  # attention stays at levels 4, 5
+    with pytest.raises(ConfigError, match="multiple of the downsampling factor 32"):
+        infer_config_from_state_dict(meta_state(unknown), resolution=500)
+
+    state = random_taming_state(GUMBEL_LAYOUT)
+    path = tmp_path / "gumbel.ckpt"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ConfigError, match="resolution"):
+        convert_taming(path, tmp_path / "out")
+    out = convert_taming(path, tmp_path / "out", resolution=64)
+    assert json.loads((out / "config.json").read_text())["config"]["resolution"] == 64
+    with pytest.raises(ConfigError, match="one of config_path, preset or resolution"):
+        convert_taming(path, tmp_path / "out", preset="tiny-f4", resolution=64)
+
+
+TAMING_YAML = f"""
+model:
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: 32
+    n_embed: 256
+{DDCONFIG_YAML}"""
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ("resolution: 32", "resolution: [1, 2]", "ddconfig.resolution"),
+    ("resolution: 32", "resolution: 32.5", "ddconfig.resolution"),
+    ("ch: 32", "ch: '32'", "ddconfig.ch"),
+    ("ch_mult: [1, 2, 2]", "ch_mult: 2", "ddconfig.ch_mult"),
+    ("n_embed: 256", "n_embed: 1000000000000", "params.n_embed"),  # 32 TB of codebook
+    ("attn_resolutions: [8]", "attn_resolutions: [eight]", "ddconfig.attn_resolutions"),
+    ("dropout: 0.0", "dropout: null", "ddconfig.dropout"),
+])
+def test_taming_yaml_values_are_checked_by_type_and_range(tmp_path, old: str, new: str, key: str) -> None:
+    assert old in TAMING_YAML
+    path = write_yaml(tmp_path / "project.yaml", TAMING_YAML.replace(old, new))
+    with pytest.raises(ConfigError, match=f"yaml key {key}") as caught:
+        config_from_taming_yaml(path)
+    assert str(path) in str(caught.value)
+    assert config_from_taming_yaml(write_yaml(tmp_path / "good.yaml", TAMING_YAML)).resolution == 32
+
+
+def test_malformed_taming_yaml_is_a_config_error(tmp_path) -> None:
+    levels = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10^9 ones, by reference
+    alias_bomb = "\n".join(levels) + TAMING_YAML.replace("ch_mult: [1, 2, 2]", "ch_mult: *l8")
+    for text, match in (
+        (alias_bomb, "ddconfig.ch_mult must be a number or a list of numbers"),
+        (TAMING_YAML.replace("double_z: false", "double_z: 'false'"), "double_z must be true or false"),
+        ("model: [1, 2]", "'model' should be a mapping"),
+        ("model:\n  params: {ddconfig: {double_z: false}}\n", "missing 'resolution'"),
+        ("{{{", "not valid YAML"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            config_from_taming_yaml(write_yaml(tmp_path / "bad.yaml", text))

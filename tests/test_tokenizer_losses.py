@@ -14,6 +14,7 @@ from torch import nn
 
 from sundae.checkpoint import CheckpointError
 from sundae.config import ConfigError
+from sundae.errors import InputError
 from sundae.tokenizer import perceptual as perceptual_module
 from sundae.tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from sundae.tokenizer.losses import (
@@ -448,13 +449,14 @@ def test_perceptual_distance_is_a_frozen_symmetric_distance(lpips):
 def test_none_source_disables_the_term_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="sundae.tokenizer.perceptual"):
         disabled = PerceptualLoss.from_source("none")
-    assert disabled.source == "none" and "DISABLED" in caplog.text
+    assert disabled.source == "none" and "perceptual loss off" in caplog.text
     assert torch.equal(disabled(_images(3, 3, 8, 8, seed=14), _images(3, 3, 8, 8, seed=15)), torch.zeros(3))
 
 
-def test_auto_source_prefers_lpips_files_then_stlpips_then_none(weight_files, monkeypatch):
+def test_auto_source_prefers_lpips_files_then_stlpips_and_never_falls_back_to_none(weight_files, monkeypatch):
     monkeypatch.setattr(perceptual_module, "find_stlpips_weights", lambda: None)
-    assert PerceptualLoss.from_source("auto").source == "none"
+    with pytest.raises(InputError, match="--perceptual none"):
+        PerceptualLoss.from_source("auto")  # Eq. 7 is never silently reduced to L1 + GAN
     monkeypatch.setattr(perceptual_module, "find_stlpips_weights", lambda: weight_files["stlpips"])
     assert PerceptualLoss.from_source("auto").source == "stlpips-vgg"
     chosen = PerceptualLoss.from_source("auto", vgg_path=weight_files["vgg"], lin_path=weight_files["lin"])

@@ -44,7 +44,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(pixel_npz, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ after resume"
     lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert any("validation/loss" in line for line in lines)
-    assert (straight / "samples" / "step_0000004.png").is_file()
+    assert (straight / "samples" / "step_0000004_raw.png").is_file()
+    assert (straight / "samples" / "step_0000004_ema.png").is_file()
     saved = json.loads((straight / "model" / "config.json").read_text())
     assert saved["config"]["num_classes"] == 3 and saved["data"]["class_names"] == ["class0", "class1", "class2"]
 
@@ -56,6 +57,77 @@ def test_loss_falls_below_the_uniform_baseline(pixel_npz, tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     validation = [line["validation/loss"] for line in lines if "validation/loss" in line]
     assert validation[-1] < 0.75 * torch.log(torch.tensor(256.0)).item()
+
+
+def test_resume_is_exact_with_dropout_in_bf16_and_logs_each_step_once(pixel_npz, tmp_path):
+    """Dropout masks are drawn from (seed, step), so a resumed run draws the same ones; bf16 autocast
+    leaves the master weights fp32; rows logged past the last checkpoint are not duplicated."""
+    changes = dict(model=dict(TINY, dropout=0.2), precision="bfloat16", checkpoint_every=3, steps=5)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_prior(config(pixel_npz, straight, **changes))
+    train_prior(config(pixel_npz, resumed, stop_after_steps=4, **changes))  # checkpoint at 3, rows up to 4
+    train_prior(config(pixel_npz, resumed, **changes))
+    for name in ("checkpoint", "model"):
+        a, b = weights(straight / name), weights(resumed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ after resume"
+        assert all(value.dtype == torch.float32 for value in b.values())
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    trained = [row["step"] for row in rows if "train/loss" in row]
+    assert trained == [1, 2, 3, 4, 5]
+    assert all(row["train/samples_per_second"] > 0 for row in rows if "train/loss" in row)
+
+
+def test_validation_runs_on_the_ema_weights_too(pixel_npz, tmp_path):
+    from sundae.denoiser import Hourglass
+    from sundae.training.distributed import DistributedContext
+    from sundae.training.prior import open_token_dataset, validation_loss
+
+    out = tmp_path / "run"
+    run_config = config(pixel_npz, out, steps=2, eval_every=2, precision="float32")
+    train_prior(run_config)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ema_row = next(row for row in rows if "validation_ema/loss" in row)
+    exported = Hourglass.from_pretrained(out / "model")  # the EMA weights: what ships
+    context = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    measured = validation_loss(exported, open_token_dataset(str(pixel_npz), "validation"), run_config, context)
+    assert ema_row["validation_ema/loss"] == pytest.approx(float(measured["loss"]), rel=1e-5)
+    raw_row = next(row for row in rows if "validation/loss" in row)
+    assert raw_row["validation/loss"] != ema_row["validation_ema/loss"]
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(pixel_npz, tmp_path):
+    out = tmp_path / "run"
+    train_prior(config(pixel_npz, out, steps=4, stop_after_steps=2))
+    with pytest.raises(CheckpointError, match=r"learning_rate 0.0003 -> 0.001.*seed 0 -> 3.*--allow-changed-settings"):
+        train_prior(config(pixel_npz, out, steps=4, learning_rate=1e-3, seed=3))
+    train_prior(config(pixel_npz, out, steps=4, log_every=2, checkpoint_every=4))  # cadence may change
+    assert torch.load(out / "checkpoint" / "training_state.pt", weights_only=True)["step"] == 4
+    train_prior(config(pixel_npz, out, steps=6, allow_changed_settings=True))
+    assert torch.load(out / "checkpoint" / "training_state.pt", weights_only=True)["step"] == 6
+
+
+@pytest.mark.parametrize("damage", ["missing", "stale", "mid-swap"])
+def test_a_finished_run_repairs_a_missing_or_stale_export(pixel_npz, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "run"
+    train_prior(config(pixel_npz, out, steps=2, checkpoint_every=1))
+    expected = weights(out / "model")
+    if damage == "missing":
+        shutil.rmtree(out / "model")
+    elif damage == "stale":  # an export older than the checkpoint
+        saved = json.loads((out / "model" / "config.json").read_text())
+        (out / "model" / "config.json").write_text(json.dumps({**saved, "step": 1}))
+    else:  # killed between the two renames of the swap: only the previous export, moved aside
+        os.replace(out / "model", out / "model.old")
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "samples" / ".step_0000002_raw.png.abcd.tmp").write_bytes(b"half a file")
+    result = train_prior(config(pixel_npz, out, steps=2, checkpoint_every=1))
+    assert result.finished and result.export_dir == out / "model"
+    assert json.loads((out / "model" / "config.json").read_text())["step"] == 2
+    repaired = weights(out / "model")
+    assert all(torch.equal(expected[k], repaired[k]) for k in expected)
+    assert not (out / "model.old").exists() and not list(out.rglob(".*.tmp"))
 
 
 def test_resume_with_other_data_is_refused(pixel_npz, tmp_path):
@@ -91,3 +163,15 @@ def test_two_process_torchrun_gloo_trains_and_checkpoints(pixel_npz, tmp_path):
     assert state["step"] == 3
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "train/loss" in line] == [1, 2, 3]
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(pixel_npz, tmp_path):
+    """Two trainers writing one folder would corrupt each other's checkpoints; a dead holder never blocks."""
+    from sundae.training.common import RunLock
+
+    out = tmp_path / "run"
+    holder = RunLock(out)  # another live process, as far as the lock file can tell
+    with pytest.raises(CheckpointError, match="another training process is writing"):
+        train_prior(config(pixel_npz, out, steps=2))
+    holder.release()  # the holder ends (or is killed: the OS drops its lock)
+    assert train_prior(config(pixel_npz, out, steps=2)).finished

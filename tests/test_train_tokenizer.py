@@ -113,3 +113,38 @@ def test_two_process_torchrun_gloo_trains_with_gan_and_code_revival(tmp_path):
     assert torch.load(out / "checkpoint" / "training_state.pt", weights_only=True)["step"] == 3
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "train/discriminator_loss" in line] == [2, 3]
+
+
+def test_resume_with_changed_settings_is_refused_and_a_missing_export_is_rewritten(tmp_path):
+    import shutil
+
+    from sundae.checkpoint import CheckpointError
+
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "run"
+    first = train_tokenizer(config(images, out, stop_after_steps=2))
+    assert not first.finished and "re-run the same command to resume" in first.summary("tokenizer")
+    with pytest.raises(CheckpointError, match=r"batch_size 3 -> 4.*steps 4 -> 6"):
+        train_tokenizer(config(images, out, batch_size=4, steps=6))
+    finished = train_tokenizer(config(images, out))
+    assert finished.finished and finished.summary("tokenizer").startswith("tokenizer written to")
+    expected = load_file(str(out / "tokenizer" / "model.safetensors"))
+    shutil.rmtree(out / "tokenizer")  # e.g. killed during the final export's swap
+    train_tokenizer(config(images, out))
+    repaired = load_file(str(out / "tokenizer" / "model.safetensors"))
+    assert all(torch.equal(expected[k], repaired[k]) for k in expected)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3, 4]
+    assert [row["step"] for row in rows if "reconstruction/l1" in row and row["step"] == 0] == [0]
+
+
+def test_the_gan_start_scales_with_a_short_run(tmp_path, caplog):
+    from sundae.training.tokenizer import default_discriminator_start
+
+    assert default_discriminator_start(300) == 225 and default_discriminator_start(100_000) == 15_000
+    images = write_images(tmp_path / "images")
+    with caplog.at_level("INFO", logger="sundae.training.tokenizer"):
+        train_tokenizer(config(images, tmp_path / "run", loss={"perceptual": "none"}, steps=4))
+    assert "GAN loss from step 3" in caplog.text and "precision auto" in caplog.text
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "train/discriminator_loss" in row] == [4]

@@ -10,8 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from sundae.checkpoint import CheckpointError
+from sundae.checkpoint import CONTENT_HASH_KEY, CheckpointError
 from sundae.config import ConfigError, VQGANConfig
 from sundae.tokenizer.vqgan import (
     VQGAN, AttnBlock, GumbelQuantizer, VectorQuantizer, codebook_statistics, decode_in_tiles,
@@ -220,6 +222,37 @@ def test_truncated_weights_are_a_clear_error(tmp_path) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupted"):
         VQGAN.from_pretrained(directory)
+
+
+def test_a_flipped_bit_in_the_weights_is_caught_by_the_content_hash(tmp_path) -> None:
+    model = seeded_model(tiny_config(4))
+    directory = model.save_pretrained(tmp_path / "vqgan")
+    weights = directory / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        assert len(handle.metadata()[CONTENT_HASH_KEY]) == 64  # sha256 hex
+    original = weights.read_bytes()
+    data_start = 8 + int.from_bytes(original[:8], "little")  # safetensors: header length, JSON header, data
+    for offset in (data_start, data_start + (len(original) - data_start) // 2, len(original) - 1):
+        flipped = bytearray(original)
+        flipped[offset] ^= 0x10
+        weights.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match="is corrupted: content hash mismatch"):
+            VQGAN.from_pretrained(directory)
+    weights.write_bytes(original)
+    x = images(1, 16, 16)
+    assert torch.equal(VQGAN.from_pretrained(directory).eval().encode(x), model.encode(x))
+
+
+def test_weights_saved_without_a_content_hash_still_load(tmp_path) -> None:
+    """Older saves (and the shipped default model) have no hash in their metadata."""
+    model = seeded_model(tiny_config(4))
+    directory = model.save_pretrained(tmp_path / "vqgan")
+    weights = directory / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights))  # the same tensors, no metadata
+    with safe_open(str(weights), framework="pt") as handle:
+        assert handle.metadata() is None
+    x = images(1, 16, 16)
+    assert torch.equal(VQGAN.from_pretrained(directory).eval().encode(x), model.encode(x))
 
 
 class PatchDecoder:

@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sundae.config import HOURGLASS_PRESETS, VQGAN_PRESETS, HourglassConfig, VQGANConfig
 from sundae.config import preset as named_preset
 from sundae.denoiser import Hourglass, count_parameters
+from sundae.errors import InputError
 from sundae.sampler import SampleOutput, SamplingOptions, sample
 from sundae.runtime import autocast, cast_decoder, cast_linear_weights, resolve_device, resolve_precision
 from sundae.tokenizer import VQGAN, decode_in_tiles
@@ -64,7 +65,7 @@ MATMUL_MIN_SECONDS = 0.05  # per timed matmul measurement
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError):
     """A benchmark setting is invalid; the message says which one and what to use instead."""
 
 

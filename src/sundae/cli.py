@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,11 +18,11 @@ from typing import Any, Callable
 
 import click
 
-from sundae.checkpoint import CheckpointError
-from sundae.config import ConfigError
+from sundae.errors import InputError
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
-USER_ERRORS = (ValueError, ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, KeyError)
+# What a user can get wrong: the library's InputError (configs, checkpoints, datasets, options) and missing paths.
+USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _fail(message: str) -> None:
@@ -29,25 +31,57 @@ def _fail(message: str) -> None:
 
 
 def user_errors(function: Callable) -> Callable:
-    """Turn the library's input errors into one clear line and exit code 2."""
+    """Turn bad input into one clear line and exit code 2; anything else is a bug: a short
+    "internal error" line (exit 1), or the whole traceback under ``sundae -v``."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
         except USER_ERRORS as error:
-            text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-            _fail(str(text))
+            _fail(str(error))
+        except (KeyboardInterrupt, SystemExit, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as error:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            click.echo(f"internal error: {type(error).__name__}: {error} (a bug in sundae; run `sundae -v ...` "
+                       "for the traceback and report it)", err=True)
+            sys.exit(1)
 
     return wrapper
 
 
+def configure_threads(threads: int | None) -> None:
+    """Make CPU work degrade gracefully on a shared machine.
+
+    OpenMP's default busy-waiting turns oversubscription into a collapse (sampling went from 1.6 s
+    to 40 s beside one competing process on 2 cores), so waiting is passive unless the user set
+    ``OMP_WAIT_POLICY``; it must be set before torch loads its OpenMP runtime, hence here. Threads:
+    ``--threads`` / ``SUNDAE_THREADS``, else the cores this process may run on.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is None and os.environ.get("SUNDAE_THREADS"):
+        threads = int(os.environ["SUNDAE_THREADS"])
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging, and tracebacks for internal errors.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads (default: the cores available; env SUNDAE_THREADS). OpenMP waits passively "
+                   "unless OMP_WAIT_POLICY is set.")
+def main(verbose: bool, threads: int | None) -> None:
     """sundae: fast non-autoregressive image generation (VQ-GAN + SUNDAE hourglass prior)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_threads(threads)
 
 
 # --- sampling options shared by sample / inpaint / outpaint / refine -------------------------
@@ -86,8 +120,9 @@ def sampling_options(defaults: dict[str, Any]) -> Callable:
             click.option("--no-early-stop", "early_stop", flag_value=False, default=True,
                          help="Run every sample for all steps."),
             click.option("--min-steps", type=int, default=0, show_default=True,
-                         help="Steps before a sample may stop on its own."),
-            click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i."),
+                         help="Earliest step (from 1) at which a sample may stop on its own."),
+            click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True,
+                         help="Image i uses seed + i."),
             click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
             *RUNTIME_OPTIONS,
         ]
@@ -102,8 +137,50 @@ SAMPLING_KEYS = ("steps", "temperature", "end_temperature", "temperature_schedul
                  "top_k", "top_p", "guidance_scale", "early_stop", "min_steps")
 
 
+# How the sampler's (Python) names are spelled on the command line, for error messages.
+FLAG_NAMES = {"steps": "--steps", "temperature": "--temperature", "end_temperature": "--end-temperature",
+              "temperature_schedule": "--schedule", "proportion": "--proportion", "end_proportion": "--end-proportion",
+              "top_k": "--top-k", "top_p": "--top-p", "guidance_scale": "--guidance", "early_stop": "--no-early-stop",
+              "min_steps": "--min-steps", "class_labels": "--classes", "temperatures": "--temperature/--end-temperature"}
+
+
+def in_flag_names(message: str) -> str:
+    """``top_p must be in (0, 1]`` -> ``--top-p must be in (0, 1]``."""
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(sorted(FLAG_NAMES, key=len, reverse=True)) + r")(?![\w-])")
+    return pattern.sub(lambda match: FLAG_NAMES[match.group(1)], message)
+
+
 def split_sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {key: kwargs.pop(key) for key in SAMPLING_KEYS}
+    """Take the sampler's options out of a command's arguments and check them before any work starts."""
+    from sundae.sampler import SamplingOptions
+
+    options = {key: kwargs.pop(key) for key in SAMPLING_KEYS}
+    try:
+        SamplingOptions(**options)
+    except InputError as error:
+        raise InputError(in_flag_names(str(error))) from None
+    return options
+
+
+def model_argument(*, positional: bool) -> Callable:
+    """``--model DIR`` on every command that runs a model (and, where it always was, a positional
+    ``[MODEL]``), passed to the command as ``model_dir``; default: the shipped model."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def merged(*args: Any, model_positional: str | None = None, model_option: str | None = None,
+                   **kwargs: Any) -> Any:
+            if model_positional and model_option and model_positional != model_option:
+                _fail(f"two models given ({model_positional} and --model {model_option}); give one")
+            return function(*args, model_dir=model_positional or model_option, **kwargs)
+
+        merged = click.option("--model", "model_option", default=None, metavar="DIR",
+                              help="Model directory (default: the shipped Fashion-MNIST model).")(merged)
+        if positional:
+            merged = click.argument("model_positional", metavar="[MODEL]", required=False)(merged)
+        return merged
+
+    return decorate
 
 
 def load_pipeline(model_dir: str | None, device: str | None, **runtime: Any):
@@ -120,7 +197,13 @@ def load_pipeline(model_dir: str | None, device: str | None, **runtime: Any):
 
 
 def parse_classes(value: str | None) -> list[str] | None:
-    return None if value is None else [item.strip() for item in value.split(",") if item.strip()]
+    """``--classes Trouser,8`` -> ["Trouser", "8"]; None when not given."""
+    if value is None:
+        return None
+    names = [item.strip() for item in value.split(",") if item.strip()]
+    if not names:
+        raise InputError(f"--classes needs class names or indices separated by commas, got {value!r}")
+    return names
 
 
 def save_images(images, out: Path, *, grid: bool, per_image_dir: Path | None, nrow: int | None = None) -> list[Path]:
@@ -131,7 +214,7 @@ def save_images(images, out: Path, *, grid: bool, per_image_dir: Path | None, nr
     if grid:
         import torch
 
-        tensors = torch.cat([image_to_tensor(image, 3) for image in images])
+        tensors = torch.cat([image_to_tensor(image, 1 if image.mode == "L" else 3) for image in images])
         save_image_grid(tensors, out, nrow=nrow)
         written.append(out)
     if per_image_dir is not None:
@@ -144,11 +227,11 @@ def save_images(images, out: Path, *, grid: bool, per_image_dir: Path | None, nr
 
 
 @main.command()
-@click.argument("model_dir", required=False)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True,
               help="Grid PNG to write.")
-@click.option("--num-images", "-n", type=int, default=16, show_default=True)
-@click.option("--batch-size", type=int, default=None, help="Images per forward batch (default: all at once).")
+@click.option("--num-images", "-n", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per forward batch (default: all at once).")
 @click.option("--classes", default=None, help="Comma-separated class names or indices, cycled over the images.")
 @click.option("--per-image-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write one PNG per image here.")
@@ -156,6 +239,7 @@ def save_images(images, out: Path, *, grid: bool, per_image_dir: Path | None, nr
               help="Write the denoising from noise to image as an animated GIF.")
 @click.option("--nrow", type=int, default=None, help="Images per grid row.")
 @sampling_options({"steps": 50})
+@model_argument(positional=True)
 @user_errors
 def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | None, classes: str | None,
            per_image_dir: Path | None, trajectory: Path | None, nrow: int | None, seed: int, device: str | None,
@@ -164,10 +248,12 @@ def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | 
     from tqdm.auto import tqdm
 
     options = split_sampling_kwargs(kwargs)
-    if num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {num_images}")
-    pipe = load_pipeline(model_dir, device, **kwargs)
     labels = parse_classes(classes)
+    pipe = load_pipeline(model_dir, device, **kwargs)
+    if labels is None and options["guidance_scale"] != 1.0 and pipe.class_names:
+        labels = list(pipe.class_names)  # guidance needs a class: give every class in turn
+        click.echo(f"--guidance {options['guidance_scale']:g} without --classes: cycling through the model's "
+                   f"{len(labels)} classes", err=True)
     if labels is not None:
         labels = [labels[i % len(labels)] for i in range(num_images)]
     batch_size = batch_size or num_images
@@ -212,10 +298,9 @@ def output_options(function: Callable) -> Callable:
     for option in reversed([
         click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
                      help="Grid PNG of the results."),
-        click.option("--num-images", "-n", type=int, default=4, show_default=True, help="Fills to draw."),
+        click.option("--num-images", "-n", type=click.IntRange(min=1), default=4, show_default=True, help="Fills to draw."),
         click.option("--classes", default=None, help="Class (name or index) for conditional models."),
         click.option("--per-image-dir", type=click.Path(file_okay=False, path_type=Path), default=None),
-        click.option("--model", "model_dir", default=None, help="Model directory (default: the shipped model)."),
     ]):
         function = option(function)
     return function
@@ -225,15 +310,15 @@ def resolve_mask(pipe, image: str, mask: str | None, box: str | None):
     from sundae.pipeline import box_mask
 
     if (mask is None) == (box is None):
-        raise ValueError("give exactly one of --mask MASK.png or --box x0,y0,x1,y1")
+        raise InputError("give exactly one of --mask MASK.png or --box x0,y0,x1,y1")
     if mask is not None:
         return mask
     try:
         coordinates = [int(v) for v in box.split(",")]
     except ValueError:
-        raise ValueError(f"--box must be four integers x0,y0,x1,y1, got {box!r}") from None
+        raise InputError(f"--box must be four integers x0,y0,x1,y1, got {box!r}") from None
     if len(coordinates) != 4:
-        raise ValueError(f"--box must be four integers x0,y0,x1,y1, got {box!r}")
+        raise InputError(f"--box must be four integers x0,y0,x1,y1, got {box!r}")
     pixels, _ = pipe.encode(image)
     return box_mask(tuple(pixels.shape[-2:]), coordinates)
 
@@ -254,6 +339,7 @@ def _report(result, out: Path, per_image_dir: Path | None, elapsed: float) -> No
 @mask_options
 @output_options
 @sampling_options({"steps": 50, "temperature": 0.4, "end_temperature": 0.4})
+@model_argument(positional=False)
 @user_errors
 def inpaint(image: str, mask: str | None, box: str | None, mask_rule: str, out: Path, num_images: int,
             classes: str | None, per_image_dir: Path | None, model_dir: str | None, seed: int, device: str | None,
@@ -274,6 +360,7 @@ def inpaint(image: str, mask: str | None, box: str | None, mask_rule: str, out: 
               help="Share of masked tokens reset to noise (0: start from the current tokens).")
 @output_options
 @sampling_options({"steps": 30, "temperature": 0.4, "end_temperature": 0.4})
+@model_argument(positional=False)
 @user_errors
 def refine(image: str, mask: str | None, box: str | None, mask_rule: str, strength: float, out: Path, num_images: int,
            classes: str | None, per_image_dir: Path | None, model_dir: str | None, seed: int, device: str | None,
@@ -295,6 +382,7 @@ def refine(image: str, mask: str | None, box: str | None, mask_rule: str, streng
 @click.option("--bottom", type=int, default=0)
 @output_options
 @sampling_options({"steps": 50, "temperature": 0.4, "end_temperature": 0.4})
+@model_argument(positional=False)
 @user_errors
 def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path, num_images: int,
              classes: str | None, per_image_dir: Path | None, model_dir: str | None, seed: int, device: str | None,
@@ -309,22 +397,26 @@ def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path
 
 
 @main.command()
-@click.argument("model_dir", required=False)
+@model_argument(positional=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback unless you ask).")
 @click.option("--port", type=int, default=7860, show_default=True)
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="Also save every result here (server-made file names only).")
 @click.option("--device", default=None)
 @PRECISION_OPTION
+@click.option("--max-canvas-scale", type=click.FloatRange(min=1), default=4.0, show_default=True,
+              help="Largest image or outpaint canvas a request may use, per side, as a multiple of the model's "
+                   "image size (bounds memory and time per request).")
 @user_errors
 def serve(model_dir: str | None, host: str, port: int, output_dir: str | None, device: str | None,
-          precision: str) -> None:
+          precision: str, max_canvas_scale: float) -> None:
     """Run the local web app: generate with a live preview, paint masks, inpaint/refine/outpaint."""
     try:
         from sundae.app.server import serve as run_server
     except ImportError as error:
-        raise ValueError(f"the web app needs its extra dependencies: pip install -e '.[app]' ({error})") from None
-    run_server(model_dir, host=host, port=port, output_dir=output_dir, device=device, precision=precision)
+        raise InputError(f"the web app needs its extra dependencies: pip install -e '.[app]' ({error})") from None
+    run_server(model_dir, host=host, port=port, output_dir=output_dir, device=device, precision=precision,
+               max_canvas_scale=max_canvas_scale)
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -340,9 +432,9 @@ def evaluation_options(function: Callable) -> Callable:
                      show_default=True, help="Feature network; named in the report so numbers are never mixed."),
         click.option("--extractor-path", default=None,
                      help="Classifier folder (default: the shipped Fashion-MNIST one) or Inception TorchScript file."),
-        click.option("--num-samples", type=int, default=1000, show_default=True),
-        click.option("--batch-size", type=int, default=64, show_default=True),
-        click.option("--nearest-k", type=int, default=5, show_default=True, help="k of density/coverage."),
+        click.option("--num-samples", type=click.IntRange(min=2), default=1000, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--nearest-k", type=click.IntRange(min=1), default=5, show_default=True, help="k of density/coverage."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                      help="Cache of real-image features (keyed by extractor and dataset hash)."),
     ]):
@@ -359,13 +451,13 @@ def build_extractor(kind: str, path: str | None, batch_size: int, device: str | 
 
 
 @main.command()
-@click.argument("model_dir", required=False)
 @evaluation_options
 @click.option("--fake", type=click.Path(exists=True), default=None,
               help="Score these generated images (folder or .npz) instead of sampling from a model.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("evaluation.json"),
               show_default=True, help="JSON report.")
 @sampling_options({"steps": 50})
+@model_argument(positional=True)
 @user_errors
 def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: str | None, num_samples: int,
              batch_size: int, nearest_k: int, cache_dir: str | None, fake: str | None, out: Path, seed: int,
@@ -392,7 +484,6 @@ def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: s
 
 
 @main.command()
-@click.argument("model_dir", required=False)
 @evaluation_options
 @click.option("--parameter", type=click.Choice(["steps", "temperature", "proportion"]), required=True,
               help="What to vary (paper Figs. 12, 13, 8); temperature varies the end temperature.")
@@ -400,6 +491,7 @@ def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: s
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep"), show_default=True,
               help="Writes sweep.csv, sweep.png and sweep.json here.")
 @sampling_options({"steps": 50})
+@model_argument(positional=True)
 @user_errors
 def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str | None, num_samples: int,
           batch_size: int, nearest_k: int, cache_dir: str | None, parameter: str, values: str, out_dir: Path,
@@ -407,10 +499,14 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
     """Evaluate one sampler setting at several values and plot FID / density / coverage against it."""
     from sundae.eval.evaluate import pipeline_identity, sweep as run_sweep, write_sweep
 
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # checked before the work, not after it
+        raise InputError("sundae sweep plots with matplotlib, which is not installed: pip install -e '.[eval]'")
     try:
         points = [int(v) if parameter == "steps" else float(v) for v in values.split(",")]
     except ValueError:
-        raise ValueError(f"--values must be comma-separated numbers, got {values!r}") from None
+        raise InputError(f"--values must be comma-separated numbers, got {values!r}") from None
     options = split_sampling_kwargs(kwargs)
     pipe = load_pipeline(model_dir, device, **kwargs)
     results = run_sweep(pipe, real, build_extractor(extractor, extractor_path, batch_size, device),
@@ -418,8 +514,8 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
                         batch_size=batch_size, cache_dir=cache_dir, nearest_k=nearest_k, progress=True,
                         model_id=pipeline_identity(Path(model_dir) if model_dir else DEFAULT_MODEL))
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_sweep(results, out_dir / "sweep.csv", out_dir / "sweep.png")
     (out_dir / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_sweep(results, out_dir / "sweep.csv", out_dir / "sweep.png")
     for row in results:
         metrics = row["metrics"]
         click.echo(f"{parameter}={row['value']}: fid={metrics['fid']:.4g} density={metrics['density']:.4g} "
@@ -451,7 +547,7 @@ def bench(preset_name: str, steps: int, batch_sizes: str, json_path: str | None,
     try:
         sizes = tuple(int(v) for v in batch_sizes.split(","))
     except ValueError:
-        raise ValueError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+        raise InputError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     result = run_benchmark(preset=preset_name, steps=steps, batch_sizes=sizes, **kwargs)
     if json_path is not None:
         write_json(result, json_path)
@@ -462,18 +558,27 @@ def bench(preset_name: str, steps: int, batch_sizes: str, json_path: str | None,
 
 
 @main.command()
-@click.argument("preset_name", metavar="PRESET")
+@click.argument("preset_name", metavar="[PRESET]", required=False)
 @click.option("--time-step/--no-time-step", default=True, show_default=True,
               help="Also time one sampling step (forward pass) at batch 1 on this machine.")
 @user_errors
-def describe(preset_name: str, time_step: bool) -> None:
-    """Print a prior preset's configuration, parameter count and step time (Table 3 presets)."""
+def describe(preset_name: str | None, time_step: bool) -> None:
+    """Print a prior preset's configuration, parameter count and step time (Table 3 presets);
+    with no PRESET, list the presets."""
     from sundae.config import HOURGLASS_PRESETS, preset
     from sundae.denoiser.hourglass import describe as describe_config
 
+    if preset_name is None:
+        for name, config in HOURGLASS_PRESETS.items():
+            facts = describe_config(config)
+            click.echo(f"{name:14s} grid {config.latent_shape[0]}x{config.latent_shape[1]}, v={config.codebook_size}, "
+                       f"depth {config.depth}, dim {config.dim}: {facts['parameters'] / 1e6:.1f} M parameters")
+        click.echo("sundae describe PRESET prints one in full (and times its forward pass)")
+        return
     config = preset(preset_name, HOURGLASS_PRESETS)
     facts = describe_config(config)
     if time_step:
+        click.echo(f"timing one forward pass of {preset_name} at batch 1 (warm-up + 3 repeats) ...", err=True)
         facts["forward_ms_batch1"] = round(time_forward(config), 2)
     click.echo(json.dumps({"preset": preset_name, "config": config.to_dict(), **facts}, indent=2, default=str))
 
@@ -521,8 +626,20 @@ def parse_depth(text: str):
     try:
         value = ast.literal_eval(f"({text})" if "," in text else text)
     except (ValueError, SyntaxError):
-        raise ValueError(f"--depth must look like 2,8,2 or 2,(2,8,2),2, got {text!r}") from None
+        raise InputError(f"--depth must look like 2,8,2 or 2,(2,8,2),2, got {text!r}") from None
     return value
+
+
+TRAINING_PRECISION_OPTION = click.option(
+    "--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+    help="Autocast dtype of the training step; auto: bf16 where its matmuls are native (CUDA, CPUs with AMX or "
+         "AVX-512-BF16), else fp32. Weights, optimizer state and losses stay fp32.")
+
+
+ALLOW_CHANGED_SETTINGS_OPTION = click.option(
+    "--allow-changed-settings", is_flag=True,
+    help="Resume even though settings that change the run (steps, lr, seed, batch size, ...) differ from the "
+         "checkpoint's.")
 
 
 def given(**values: Any) -> dict[str, Any]:
@@ -544,7 +661,11 @@ def given(**values: Any) -> dict[str, Any]:
 @click.option("--steps", type=int, default=20_000, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Per process.")
 @click.option("--lr", "learning_rate", type=float, default=1e-4, show_default=True)
-@click.option("--discriminator-start", type=int, default=None, help="Step at which the GAN loss starts (Table 4: 15000).")
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "linear"]), default="constant", show_default=True,
+              help="Learning-rate decay after the warm-up (cosine/linear end at 0.1 x --lr).")
+@click.option("--discriminator-start", type=int, default=None,
+              help="Step at which the GAN loss starts [default: 3/4 of --steps, at most 15000 (Table 4)].")
 @click.option("--discriminator-weight", type=float, default=None)
 @click.option("--discriminator-layers", type=int, default=None, help="Patch-GAN depth (default 3, Table 4).")
 @click.option("--perceptual", type=click.Choice(["auto", "lpips-vgg", "stlpips-vgg", "none"]), default="auto",
@@ -561,6 +682,8 @@ def given(**values: Any) -> dict[str, Any]:
 @click.option("--num-workers", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
+@TRAINING_PRECISION_OPTION
+@ALLOW_CHANGED_SETTINGS_OPTION
 @user_errors
 def train_tokenizer_command(images: str, output_dir: str, preset_name: str, resolution, codebook_size, channels,
                             channel_multipliers, num_res_blocks, embed_dim, discriminator_start, discriminator_weight,
@@ -584,7 +707,7 @@ def train_tokenizer_command(images: str, output_dir: str, preset_name: str, reso
     config = TokenizerTrainingConfig(images=images, output_dir=output_dir, model=model.to_dict(), loss=loss,
                                      discriminator=given(layers=discriminator_layers),
                                      revive_dead_codes_every=revive or None, **kwargs)
-    click.echo(f"tokenizer written to {train_tokenizer(config)}")
+    click.echo(train_tokenizer(config).summary("tokenizer"))
 
 
 @main.command()
@@ -600,33 +723,19 @@ def reconstruct(tokenizer_dir: str, images: str, out: Path | None, limit: int, b
                 device: str | None) -> None:
     """Measure a tokenizer's reconstructions on an image folder: L1 and PSNR (pixels in [0, 1]), and
     the perplexity and used share of the codebook over all the images' tokens."""
-    import torch
-
     from sundae.data.images import ImageFolder
+    from sundae.runtime import resolve_device
     from sundae.tokenizer import VQGAN
-    from sundae.tokenizer.vqgan import codebook_statistics
-    from sundae.training.tokenizer import reconstruction_metrics, save_reconstruction_grid
+    from sundae.training.tokenizer import measure_reconstructions, save_reconstruction_grid
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     tokenizer = VQGAN.from_pretrained(tokenizer_dir, map_location=device).eval()
-    folder = ImageFolder(images, resolution=tokenizer.config.resolution)
-    count = min(limit, len(folder))
-    step = max(1, len(folder) // count)  # an even spread over the (class-sorted) folder
-    indices = list(range(0, step * count, step))
-    totals: dict[str, float] = {"l1": 0.0, "psnr": 0.0}
-    codes = []
-    for start in range(0, count, batch_size):
-        batch = torch.stack([folder[i][0] for i in indices[start:start + batch_size]]).to(device)
-        measured = reconstruction_metrics(tokenizer, batch)
-        for name in totals:
-            totals[name] += measured[name] * len(batch) / count
-        codes.append(tokenizer.encode(batch).cpu())
-    perplexity, usage = codebook_statistics(torch.cat(codes), tokenizer.config.codebook_size)
-    totals.update(perplexity=perplexity.item(), codebook_usage=usage.item())
-    click.echo(json.dumps({"tokenizer": tokenizer_dir, "images": count, **{k: round(v, 4) for k, v in totals.items()}}))
+    folder = ImageFolder(images, resolution=tokenizer.config.resolution, channels=tokenizer.config.in_channels)
+    measured = measure_reconstructions(tokenizer, folder, limit=limit, batch_size=batch_size, progress=True)
+    grid_images = measured.pop("grid_images")
+    click.echo(json.dumps({"tokenizer": tokenizer_dir, **measured}))
     if out is not None:
-        sample_images = torch.stack([folder[i][0] for i in indices[:: max(1, count // 16)][:16]]).to(device)
-        save_reconstruction_grid(tokenizer, sample_images, out)
+        save_reconstruction_grid(tokenizer, grid_images.to(device), out)
         click.echo(f"wrote {out}")
 
 
@@ -644,17 +753,20 @@ def reconstruct(tokenizer_dir: str, images: str, out: Path | None, limit: int, b
 def encode(images: str, tokenizer_dir: str, output_dir: str, resolution: int | None, batch_size: int,
            validation_fraction: float, split_seed: int, device: str | None) -> None:
     """Encode an image folder (and every image's horizontal flip) into a memory-mapped token dataset."""
-    import torch
-
     from sundae.data.latents import encode_folder, tokenizer_identity
+    from sundae.runtime import resolve_device
     from sundae.tokenizer import VQGAN
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     tokenizer = VQGAN.from_pretrained(tokenizer_dir, map_location=device).eval()
     target = encode_folder(tokenizer, images, output_dir, resolution=resolution or tokenizer.config.resolution,
                            batch_size=batch_size, validation_fraction=validation_fraction, split_seed=split_seed,
                            device=device, tokenizer_id=tokenizer_identity(tokenizer_dir))
-    click.echo(f"latent dataset written to {target}")
+    manifest = json.loads((target / "manifest.json").read_text())
+    splits = manifest["split_counts"]
+    click.echo(f"latent dataset written to {target}: {manifest['count']} rows ({manifest['count'] // 2} images and "
+               f"their flips; train {splits['train']}, validation {splits['validation']}), grid "
+               f"{'x'.join(map(str, manifest['grid_shape']))}, {len(manifest['skipped'])} unreadable file(s) skipped")
 
 
 @main.command("train")
@@ -691,6 +803,8 @@ def encode(images: str, tokenizer_dir: str, output_dir: str, resolution: int | N
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)
 @click.option("--compile", is_flag=True, help="torch.compile the training step.")
+@TRAINING_PRECISION_OPTION
+@ALLOW_CHANGED_SETTINGS_OPTION
 @user_errors
 def train_prior_command(data: str, output_dir: str, preset_name: str, dim, depth, heads, head_dim, shorten_factor,
                         resample, dropout, unroll_steps, unconditional: bool, **kwargs: Any) -> None:
@@ -704,7 +818,7 @@ def train_prior_command(data: str, output_dir: str, preset_name: str, dim, depth
     config = PriorTrainingConfig(data=data, output_dir=output_dir, model=model.to_dict(),
                                  unroll_steps=unroll_steps or UNROLL_STEPS.get(preset_name, 2),
                                  class_conditional=not unconditional, **kwargs)
-    click.echo(f"prior written to {train_prior(config)}")
+    click.echo(train_prior(config).summary("prior"))
 
 
 if __name__ == "__main__":

@@ -13,16 +13,40 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
+
+from sundae.errors import InputError
 
 Depth = Union[int, tuple]  # an int (a flat stack) or (pre, valley, post) where valley is a Depth
 
 C = TypeVar("C", bound="ConfigBase")
 
+# Upper bounds for sizes that allocate memory: generous for any real model (the largest public
+# VQ-GANs have 16384 codes and 512 channels), small enough that a config file can never ask for
+# terabytes before its weights are even read.
+MAX_CODEBOOK_SIZE = 2**24
+MAX_WIDTH = 2**16  # channels, dim, heads * head_dim, z_channels, embed_dim
+MAX_RESOLUTION = 2**16
+MAX_LATENT_SIDE = 2**12
+MAX_LAYERS = 1024
+MAX_PARAMETERS = 2**32  # a rough per-model parameter estimate, checked before anything is allocated
+MAX_INT = 2**63  # every int field must fit in 64 bits (torch and numpy take int64 at most)
 
-class ConfigError(ValueError):
-    """A config value is out of range or inconsistent; the message says what to change."""
+
+class ConfigError(InputError):
+    """A config value is out of range or inconsistent; the message says what to change.
+
+    ``field`` names the offending config field when there is one (for callers that map fields
+    to their own spelling, e.g. a yaml key or a command-line flag).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -31,18 +55,168 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
-def _to_tuple(value: Any) -> Any:
+MAX_CONFIG_NODES = 100_000  # list items in all of one config (yaml aliases can make a small file a huge DAG)
+
+
+def _to_tuple(value: Any, budget: list[int] | None = None) -> Any:
     if isinstance(value, list):
-        return tuple(_to_tuple(v) for v in value)
+        budget = [MAX_CONFIG_NODES] if budget is None else budget
+        budget[0] -= len(value)
+        if budget[0] < 0:
+            raise ConfigError(f"a config value holds more than {MAX_CONFIG_NODES} list items")
+        return tuple(_to_tuple(v, budget) for v in value)
     return value
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr`` for error messages, cut so that a hostile value cannot flood the message."""
+    text = repr(value) if not isinstance(value, (list, tuple, dict)) or len(value) <= 16 else None
+    if text is None:
+        text = f"<{type(value).__name__} of {len(value)} items>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Mismatch(Exception):
+    """Internal: a value does not conform to a type annotation."""
+
+
+def _describe(hint: Any) -> str:
+    if hint is Any:
+        return "anything"
+    if hint is type(None):
+        return "null"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in args)
+    if origin is tuple or hint is tuple:
+        if not args:
+            return "a list"
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_plural(args[0])}"
+        if len(set(args)) == 1:
+            return f"a list of {len(args)} {_plural(args[0])}"
+        return f"a list of {len(args)} items ({', '.join(_describe(arm) for arm in args)})"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    if origin is list or hint is list:
+        return "a list"
+    name = getattr(hint, "__name__", str(hint))
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(name, name)
+
+
+def _plural(hint: Any) -> str:
+    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(hint, f"({_describe(hint)})")
+
+
+def _conform(value: Any, hint: Any) -> Any:
+    """``value`` checked against the annotation ``hint`` (and normalised: list -> tuple,
+    numpy integers -> int); raises :class:`_Mismatch` when it does not fit."""
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        for arm in args:
+            try:
+                return _conform(value, arm)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and -MAX_INT <= value < MAX_INT:
+            return int(value)
+        raise _Mismatch
+    if hint is float:  # an int is a valid float; NaN never is
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _Mismatch
+        if isinstance(value, numbers.Integral):
+            if not -MAX_INT <= value < MAX_INT:
+                raise _Mismatch
+            return int(value)
+        value = float(value)  # numpy floats become plain floats (JSON-serialisable)
+        if math.isnan(value):
+            raise _Mismatch
+        return value
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise _Mismatch
+        if not args:
+            return _to_tuple(list(value))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_conform(item, args[0]) for item in value)
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_conform(item, arm) for item, arm in zip(value, args))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        if args:
+            pairs = [(_conform(k, args[0]), _conform(v, args[1])) for k, v in value.items()]
+            unchanged = all(pair[0] is k and pair[1] is v for pair, (k, v) in zip(pairs, value.items()))
+            return value if unchanged else dict(pairs)  # keep the caller's dict when nothing changed
+        return value
+    if origin is list or hint is list:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_conform(item, args[0]) for item in value] if args else list(value)
+    if isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        raise _Mismatch
+    return value  # an annotation we cannot check (a string forward reference, a TypeVar): trust it
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type annotation of every dataclass field of ``cls`` (cached)."""
+    if cls not in _FIELD_TYPES:
+        hints = typing.get_type_hints(cls)
+        _FIELD_TYPES[cls] = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+    return _FIELD_TYPES[cls]
+
+
+def check_range(owner: str, name: str, value: int, low: int, high: int) -> None:
+    """Raise :class:`ConfigError` unless ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise ConfigError(f"{owner}.{name} must be in [{low}, {high}], got {value}", field=name)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ConfigBase:
-    """Frozen, keyword-only dataclass with JSON round-trip and validation hooks."""
+    """Frozen, keyword-only dataclass with JSON round-trip and validation hooks.
+
+    On creation every field is checked against its type annotation (an ``int`` field takes
+    no bool, float or string; a ``float`` field takes ints; tuples take lists, which become
+    tuples; ``X | None`` takes null), then :meth:`validate` checks ranges and consistency.
+    """
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.validate()
+
+    def _check_types(self) -> None:
+        owner = type(self).__name__
+        for name, hint in field_types(type(self)).items():
+            value = getattr(self, name)
+            try:
+                conformed = _conform(value, hint)
+            except _Mismatch:
+                raise ConfigError(
+                    f"{owner}.{name} must be {_describe(hint)}, got {short_repr(_to_jsonable(value))} "
+                    f"({'list' if isinstance(value, tuple) else type(value).__name__})",
+                    field=name,
+                ) from None
+            if conformed is not value:
+                object.__setattr__(self, name, conformed)  # frozen: normalise in place, once
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for out-of-range or inconsistent values."""
@@ -51,12 +225,26 @@ class ConfigBase:
         return {f.name: _to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls: type[C], data: Any) -> C:
+        """Build from a JSON / yaml mapping; every field is type- and range-checked."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a mapping of field names to values, got {short_repr(data)}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**{k: _to_tuple(v) for k, v in data.items()})
+            raise ConfigError(
+                f"{cls.__name__}: unknown field(s) {short_repr(unknown, 200)}; known fields are {sorted(known)}",
+                field=unknown[0],
+            )
+        required = [
+            f.name for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data
+        ]
+        if required:
+            raise ConfigError(f"{cls.__name__}: missing required field(s) {required}", field=required[0])
+        budget = [MAX_CONFIG_NODES]
+        return cls(**{k: _to_tuple(v, budget) for k, v in data.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -108,18 +296,60 @@ class VQGANConfig(ConfigBase):
         return height // f, width // f
 
     def validate(self) -> None:
+        owner = type(self).__name__
         if self.quantizer not in ("vq", "gumbel"):
-            raise ConfigError(f"quantizer must be 'vq' or 'gumbel', got {self.quantizer!r}")
-        if not self.channel_multipliers:
-            raise ConfigError("channel_multipliers must have at least one entry")
+            raise ConfigError(
+                f"quantizer must be 'vq' or 'gumbel', got {short_repr(self.quantizer)}", field="quantizer"
+            )
+        if not 1 <= len(self.channel_multipliers) <= 16:
+            raise ConfigError(
+                f"channel_multipliers must have 1 to 16 entries (f = 2^(entries - 1)), "
+                f"got {len(self.channel_multipliers)}",
+                field="channel_multipliers",
+            )
         if min(self.channels, self.z_channels, self.embed_dim, self.codebook_size, self.num_res_blocks) < 1:
             raise ConfigError("channels, z_channels, embed_dim, codebook_size and num_res_blocks must be >= 1")
+        for name in ("channels", "z_channels", "embed_dim"):
+            check_range(owner, name, getattr(self, name), 1, MAX_WIDTH)
+        check_range(owner, "in_channels", self.in_channels, 1, 1024)
+        check_range(owner, "out_channels", self.out_channels, 1, 1024)
+        check_range(owner, "codebook_size", self.codebook_size, 1, MAX_CODEBOOK_SIZE)
+        check_range(owner, "num_res_blocks", self.num_res_blocks, 1, 64)
+        check_range(owner, "resolution", self.resolution, 1, MAX_RESOLUTION)
+        for multiplier in self.channel_multipliers:
+            if not 1 <= self.channels * multiplier <= MAX_WIDTH:
+                raise ConfigError(
+                    f"{owner}.channel_multipliers: every channels * multiplier must be in [1, {MAX_WIDTH}], got "
+                    f"{self.channels} * {multiplier}", field="channel_multipliers",
+                )
+        if len(self.attention_resolutions) > 64 or any(r < 1 for r in self.attention_resolutions):
+            raise ConfigError(
+                f"attention_resolutions must be up to 64 feature-map sides >= 1, "
+                f"got {short_repr(self.attention_resolutions)}",
+                field="attention_resolutions",
+            )
         if self.resolution % self.downsample_factor:
             raise ConfigError(
-                f"resolution {self.resolution} is not a multiple of the downsampling factor {self.downsample_factor}"
+                f"resolution {self.resolution} is not a multiple of the downsampling factor {self.downsample_factor}",
+                field="resolution",
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
+        if not math.isfinite(self.beta) or self.beta < 0:
+            raise ConfigError(f"beta must be a finite number >= 0, got {self.beta}", field="beta")
+        if self.parameter_estimate() > MAX_PARAMETERS:
+            raise ConfigError(
+                f"{owner} describes about {self.parameter_estimate():.3g} parameters, more than the "
+                f"{MAX_PARAMETERS:.3g} this code accepts; check channels, channel_multipliers, num_res_blocks "
+                f"and codebook_size"
+            )
+
+    def parameter_estimate(self) -> int:
+        """A rough upper estimate of the parameter count (3x3 convs of every residual and attention
+        block of encoder and decoder, plus the codebook), used to reject absurd configs early."""
+        blocks_per_level = 2 * self.num_res_blocks + 3  # encoder, decoder (one more), mid and resampling
+        convs = sum((self.channels * m) ** 2 for m in self.channel_multipliers) * blocks_per_level * 26
+        return convs + self.codebook_size * (self.embed_dim + self.z_channels)
 
 
 VQGAN_PRESETS: dict[str, VQGANConfig] = {
@@ -149,10 +379,10 @@ VQGAN_PRESETS: dict[str, VQGANConfig] = {
         resolution=1024, channels=128, channel_multipliers=(1, 1, 2, 2, 4, 4), num_res_blocks=1,
         attention_resolutions=(64, 32), z_channels=256, embed_dim=256, codebook_size=8192,
     ),
-    # the shipped default's tokenizer: 28x28 Fashion-MNIST -> 7x7 tokens of 512 codes
+    # the shipped default's tokenizer: grey 28x28 Fashion-MNIST -> 7x7 tokens of 1024 codes
     "fashion-mnist-f4": VQGANConfig(
-        resolution=28, channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,),
-        z_channels=32, embed_dim=32, codebook_size=512,
+        resolution=28, in_channels=1, out_channels=1, channels=64, channel_multipliers=(1, 2, 2), num_res_blocks=1,
+        attention_resolutions=(7,), z_channels=32, embed_dim=32, codebook_size=1024,
     ),
     # tiny model for tests
     "tiny-f4": VQGANConfig(
@@ -209,39 +439,85 @@ class HourglassConfig(ConfigBase):
         return self.num_classes
 
     def validate(self) -> None:
+        owner = type(self).__name__
         if self.resample not in ("2d", "1d"):
-            raise ConfigError(f"resample must be '2d' or '1d', got {self.resample!r}")
+            raise ConfigError(f"resample must be '2d' or '1d', got {short_repr(self.resample)}", field="resample")
         if min(self.dim, self.heads, self.head_dim) < 1:
             raise ConfigError("dim, heads and head_dim must be >= 1")
+        check_range(owner, "dim", self.dim, 1, MAX_WIDTH)
+        check_range(owner, "heads", self.heads, 1, 1024)
+        check_range(owner, "head_dim", self.head_dim, 1, MAX_WIDTH)
+        if self.heads * self.head_dim > MAX_WIDTH:
+            raise ConfigError(
+                f"{owner}: heads * head_dim must be <= {MAX_WIDTH}, got {self.heads} * {self.head_dim}", field="heads"
+            )
         if self.head_dim % 4:
             raise ConfigError(
                 f"2D rotary embeddings need head_dim divisible by 4 (half the rotary dims per axis, "
-                f"in pairs), got {self.head_dim}"
+                f"in pairs), got {self.head_dim}", field="head_dim",
             )
         if self.shorten_factor < 1:
-            raise ConfigError(f"shorten_factor must be >= 1, got {self.shorten_factor}")
+            raise ConfigError(f"shorten_factor must be >= 1, got {self.shorten_factor}", field="shorten_factor")
+        check_range(owner, "shorten_factor", self.shorten_factor, 1, 1024)
         if self.resample == "2d" and math.isqrt(self.shorten_factor) ** 2 != self.shorten_factor:
             raise ConfigError(
-                f"2d resampling needs a perfect-square shorten_factor (√k×√k blocks), got {self.shorten_factor}"
+                f"2d resampling needs a perfect-square shorten_factor (√k×√k blocks), got {self.shorten_factor}",
+                field="shorten_factor",
             )
-        self._validate_depth(self.depth)
+        self._validate_depth(self.depth, nesting=0)
+        if depth_layers(self.depth) > MAX_LAYERS:
+            raise ConfigError(
+                f"depth has {depth_layers(self.depth)} layers in all, more than {MAX_LAYERS}", field="depth"
+            )
         if self.num_classes is not None and self.num_classes < 1:
-            raise ConfigError(f"num_classes must be None or >= 1, got {self.num_classes}")
+            raise ConfigError(f"num_classes must be None or >= 1, got {self.num_classes}", field="num_classes")
+        if self.num_classes is not None:
+            check_range(owner, "num_classes", self.num_classes, 1, MAX_CODEBOOK_SIZE)
         if self.codebook_size < 2:
-            raise ConfigError(f"codebook_size must be >= 2, got {self.codebook_size}")
+            raise ConfigError(f"codebook_size must be >= 2, got {self.codebook_size}", field="codebook_size")
+        check_range(owner, "codebook_size", self.codebook_size, 2, MAX_CODEBOOK_SIZE)
+        check_range(owner, "ff_multiplier", self.ff_multiplier, 1, 64)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
         if len(self.latent_shape) != 2 or min(self.latent_shape) < 1:
-            raise ConfigError(f"latent_shape must be (h, w) with h, w >= 1, got {self.latent_shape}")
+            raise ConfigError(
+                f"latent_shape must be (h, w) with h, w >= 1, got {self.latent_shape}", field="latent_shape"
+            )
+        if max(self.latent_shape) > MAX_LATENT_SIDE:
+            raise ConfigError(
+                f"latent_shape sides must be <= {MAX_LATENT_SIDE}, got {self.latent_shape}", field="latent_shape"
+            )
+        if self.parameter_estimate() > MAX_PARAMETERS:
+            raise ConfigError(
+                f"{owner} describes about {self.parameter_estimate():.3g} parameters, more than the "
+                f"{MAX_PARAMETERS:.3g} this code accepts; check dim, depth, heads, head_dim, ff_multiplier "
+                f"and codebook_size"
+            )
 
-    def _validate_depth(self, depth: Depth) -> None:
-        if isinstance(depth, int):
-            if depth < 0:
-                raise ConfigError(f"depth entries must be >= 0, got {depth}")
+    def parameter_estimate(self) -> int:
+        """A rough upper estimate of the parameter count, used to reject absurd configs early."""
+        per_layer = 4 * self.dim * self.heads * self.head_dim + 2 * self.ff_multiplier * self.dim**2
+        resampling = depth_levels(self.depth) * 2 * self.shorten_factor * self.dim**2
+        embeddings = (2 * self.codebook_size + (self.num_classes or 0) + 1) * self.dim
+        return depth_layers(self.depth) * per_layer + resampling + embeddings
+
+    def _validate_depth(self, depth: Depth, nesting: int) -> None:
+        if nesting > 16:
+            raise ConfigError("depth is nested more than 16 levels deep", field="depth")
+        if isinstance(depth, int) and not isinstance(depth, bool):
+            if not 0 <= depth <= MAX_LAYERS:
+                raise ConfigError(f"depth entries must be in [0, {MAX_LAYERS}], got {depth}", field="depth")
             return
-        if not (isinstance(depth, tuple) and len(depth) == 3 and isinstance(depth[0], int) and isinstance(depth[2], int)):
-            raise ConfigError(f"depth must be an int or (pre, valley, post) with int pre/post, got {depth!r}")
-        self._validate_depth(depth[0])
-        self._validate_depth(depth[1])
-        self._validate_depth(depth[2])
+        if not (
+            isinstance(depth, tuple) and len(depth) == 3
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in (depth[0], depth[2]))
+        ):
+            raise ConfigError(
+                f"depth must be an int or (pre, valley, post) with int pre/post, got {short_repr(depth)}", field="depth"
+            )
+        self._validate_depth(depth[0], nesting + 1)
+        self._validate_depth(depth[1], nesting + 1)
+        self._validate_depth(depth[2], nesting + 1)
 
 
 def _table3(codebook_size: int, latent_shape: tuple[int, int], depth: Depth, heads: int = 8,
@@ -280,6 +556,7 @@ def preset(name: str, presets: dict[str, C]) -> C:
 
 
 __all__ = [
-    "ConfigBase", "ConfigError", "VQGANConfig", "HourglassConfig", "VQGAN_PRESETS", "HOURGLASS_PRESETS",
+    "ConfigBase", "ConfigError", "MAX_CODEBOOK_SIZE", "MAX_PARAMETERS", "field_types", "short_repr", "VQGANConfig",
+    "HourglassConfig", "VQGAN_PRESETS", "HOURGLASS_PRESETS",
     "UNROLL_STEPS", "depth_layers", "depth_levels", "preset",
 ]

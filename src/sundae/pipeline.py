@@ -7,9 +7,11 @@ A pipeline directory is the prior's ``config.json`` + ``model.safetensors`` with
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from sundae.checkpoint import CheckpointError, read_json
 from sundae.denoiser import Hourglass
+from sundae.errors import InputError
 from sundae.sampler import SampleOutput, SamplingOptions, sample, seeds_from_generator, uniform_noise
 from sundae.runtime import autocast, cast_decoder, cast_linear_weights, resolve_device, resolve_precision
 from sundae.tokenizer.pixels import PixelTokenizer
@@ -44,6 +47,21 @@ def module_device(module: nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (CPU for a module with neither)."""
     tensor = next(iter([*module.parameters(), *module.buffers()]), None)
     return torch.device("cpu") if tensor is None else tensor.device
+
+
+def cast_copy(module: nn.Module, cast: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """``cast`` (an in-place conversion such as :func:`~sundae.runtime.cast_linear_weights`) applied
+    to a copy of ``module``, which is left exactly as it was.
+
+    The copy's parameters are new ``Parameter`` objects on the same storage (for inference: they need
+    no gradient) and its buffers are the same tensors, so whatever ``cast`` leaves alone is shared
+    rather than duplicated, while what it converts (``Module.to`` rebinds a parameter's data and
+    replaces a buffer) changes in the copy only.
+    """
+    shared: dict[int, Any] = {id(buffer): buffer for buffer in module.buffers()}
+    shared.update({id(parameter): nn.Parameter(parameter.detach(), requires_grad=False)
+                   for parameter in module.parameters()})
+    return cast(copy.deepcopy(module, shared))
 
 
 def load_tokenizer(directory: Path | None, device: torch.device | str = "cpu") -> nn.Module:
@@ -80,10 +98,16 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 
 def open_image_file(path: str | os.PathLike, what: str) -> Image.Image:
+    """Open and fully decode an image file; a missing, empty or non-image file is an :class:`InputError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
-    return Image.open(path)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{what} file {path} is not a readable image ({type(error).__name__}: {error})") from None
 
 
 def image_to_tensor(image: ImageInput, channels: int) -> Tensor:
@@ -115,7 +139,7 @@ def mask_to_tensor(mask: ImageInput, size: tuple[int, int]) -> Tensor:
     if mask.dim() == 3:
         mask = mask.any(dim=0)
     if tuple(mask.shape) != tuple(size):
-        raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image is {size[1]}x{size[0]}; "
+        raise InputError(f"the mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image is {size[1]}x{size[0]}; "
                          "give a mask of the same size as the image")
     return mask
 
@@ -125,7 +149,7 @@ def box_mask(size: tuple[int, int], box: Sequence[int]) -> Tensor:
     height, width = size
     x0, y0, x1, y1 = box
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
+        raise InputError(f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
     mask = torch.zeros(size, dtype=torch.bool)
     mask[y0:y1, x0:x1] = True
     return mask
@@ -139,10 +163,10 @@ def token_mask_from_pixels(pixel_mask: Tensor, factor: int, rule: str = "any") -
     §3.6), so no unmasked pixel changes but masked pixels at the border may stay.
     """
     if rule not in ("any", "all"):
-        raise ValueError(f"mask rule must be 'any' or 'all', got {rule!r}")
+        raise InputError(f"mask rule must be 'any' or 'all', got {rule!r}")
     height, width = pixel_mask.shape
     if height % factor or width % factor:
-        raise ValueError(f"mask size {width}x{height} is not a multiple of the tokenizer factor {factor}")
+        raise InputError(f"mask size {width}x{height} is not a multiple of the tokenizer factor {factor}")
     patches = pixel_mask.reshape(height // factor, factor, width // factor, factor)
     return patches.any(dim=(1, 3)) if rule == "any" else patches.all(dim=(1, 3))
 
@@ -165,22 +189,29 @@ class SundaePipeline:
     tokens; the first call pays the compilation, about a minute, and once more when finished
     samples first shrink the batch); ``decode_tiles`` decodes in n × n tiles when memory is short
     (approximate at the seams).
+
+    Precision never touches the weights given: ``master_prior`` and ``master_tokenizer`` are the
+    modules passed in, left as they were, and are what :meth:`save_pretrained` writes; ``prior`` and
+    ``tokenizer`` are the copies that run, cast once at construction (:func:`cast_copy`: they share
+    every tensor the cast leaves alone, so fp32 costs no memory and bf16 adds only the bf16 weights).
+    They are made once: after changing the masters' weights, build a new pipeline.
     """
 
     def __init__(self, prior: Hourglass, tokenizer: nn.Module, *, class_names: list[str] | None = None,
                  name: str = "sundae", precision: str = "auto", compile: bool = False,
                  decode_tiles: int | None = None) -> None:
-        self.prior = prior.eval()
-        self.tokenizer = tokenizer.eval()
+        self.master_prior, self.master_tokenizer = prior, tokenizer
         self.class_names = class_names
         self.name = name
-        self.dtype = resolve_precision(precision, self.device)
-        cast_linear_weights(self.prior, self.dtype)
-        cast_decoder(self.tokenizer, self.dtype, channels_last=self.device.type == "cuda")
+        device = module_device(prior)
+        self.dtype = resolve_precision(precision, device)
+        self.prior = cast_copy(prior, partial(cast_linear_weights, dtype=self.dtype)).eval()
+        self.tokenizer = cast_copy(tokenizer, partial(cast_decoder, dtype=self.dtype,
+                                                      channels_last=device.type == "cuda")).eval()
         self.compile_mode = ("reduce-overhead" if self.device.type == "cuda" else "default") if compile else None
         height, width = prior.config.latent_shape
         if decode_tiles is not None and not 1 <= decode_tiles <= min(height, width):
-            raise ValueError(f"decode_tiles must be between 1 and {min(height, width)} for this model's "
+            raise InputError(f"decode_tiles must be between 1 and {min(height, width)} for this model's "
                              f"{height}x{width} token grid, got {decode_tiles}")
         self.decode_tiles = decode_tiles
 
@@ -205,15 +236,16 @@ class SundaePipeline:
         return cls(prior, tokenizer, class_names=data.get("class_names"), name=directory.name, **runtime)
 
     def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write the master weights (as given, whatever the precision the pipeline runs in)."""
         directory = Path(directory)
         payload = {"data": {"codebook_size": self.prior.config.codebook_size, "class_names": self.class_names,
                             "grid_shape": list(self.prior.config.latent_shape)}}
-        self.prior.save_pretrained(directory, extra={**payload, **(extra or {})})
-        if not isinstance(self.tokenizer, PixelTokenizer):
+        self.master_prior.save_pretrained(directory, extra={**payload, **(extra or {})})
+        if not isinstance(self.master_tokenizer, PixelTokenizer):
             target = directory / TOKENIZER_SUBDIR
             if target.exists():
                 shutil.rmtree(target)
-            self.tokenizer.save_pretrained(target)
+            self.master_tokenizer.save_pretrained(target)
         return directory
 
     # --- facts --------------------------------------------------------------------------------
@@ -239,18 +271,18 @@ class SundaePipeline:
         """A class given by index or by name -> its index, with a clear error for unknown classes."""
         num_classes = self.prior.config.num_classes
         if num_classes is None:
-            raise ValueError("this model is unconditional: it takes no class")
+            raise InputError("this model is unconditional: it takes no class")
         if isinstance(label, str) and not label.lstrip("-").isdigit():
             names = self.class_names or []
             if label in names:
                 return names.index(label)
             loose = [_loose_name(name) for name in names]  # "Trouser" finds "1_trouser" or "trouser"
             if _loose_name(label) not in loose:
-                raise ValueError(f"unknown class {label!r}; known classes: {', '.join(names)}")
+                raise InputError(f"unknown class {label!r}; known classes: {', '.join(names)}")
             return loose.index(_loose_name(label))
         index = int(label)
         if not 0 <= index < num_classes:
-            raise ValueError(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")
+            raise InputError(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")
         return index
 
     # --- sampling -----------------------------------------------------------------------------
@@ -266,7 +298,7 @@ class SundaePipeline:
         if isinstance(class_labels, (int, str)):
             class_labels = [class_labels] * count
         if len(class_labels) != count:
-            raise ValueError(f"got {len(class_labels)} class labels for {count} images")
+            raise InputError(f"got {len(class_labels)} class labels for {count} images")
         return torch.tensor([self.class_index(label) for label in class_labels], dtype=torch.long)
 
     def _sample(self, options: SamplingOptions, **inputs: Any) -> SampleOutput:
@@ -293,7 +325,7 @@ class SundaePipeline:
         otherwise seeds come from ``generator``.
         """
         if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+            raise InputError(f"num_images must be >= 1, got {num_images}")
         output = self._sample(SamplingOptions(**options), num_samples=num_images,
                               grid_shape=grid_shape or tuple(self.prior.config.latent_shape),
                               class_labels=self._labels(class_labels, num_images),
@@ -304,10 +336,10 @@ class SundaePipeline:
     @torch.inference_mode()
     def encode(self, image: ImageInput) -> tuple[Tensor, Tensor]:
         """Image -> (pixels (1, C, H, W) in [-1, 1], tokens (1, h, w)); sides must be multiples of f."""
-        pixels = image_to_tensor(image, self.tokenizer.config.out_channels if isinstance(self.tokenizer, PixelTokenizer) else 3)
+        pixels = image_to_tensor(image, self.channels)
         height, width = pixels.shape[-2:]
         if height % self.factor or width % self.factor:
-            raise ValueError(f"the image is {width}x{height} pixels; both sides must be multiples of the "
+            raise InputError(f"the image is {width}x{height} pixels; both sides must be multiples of the "
                              f"tokenizer factor f={self.factor}")
         return pixels, self.tokenizer.encode(pixels.to(self.device)).cpu()
 
@@ -351,7 +383,7 @@ class SundaePipeline:
         (0: start exactly from the current tokens; 1: the same as inpainting).
         """
         if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+            raise InputError(f"strength must be in [0, 1], got {strength}")
         pixels, tokens, pixel_mask, token_mask = self._prepare_mask(image, mask, mask_rule)
         seeds = self._seeds(num_images, seed, generator)
         reset = (uniform_noise(seeds, -2, 0, tuple(token_mask.shape)) < strength) & token_mask
@@ -367,10 +399,10 @@ class SundaePipeline:
         pixels, known_tokens = self.encode(image)
         for name, value in (("left", left), ("top", top), ("right", right), ("bottom", bottom)):
             if value < 0 or value % self.factor:
-                raise ValueError(f"{name}={value}: extensions must be >= 0 and multiples of the tokenizer factor "
+                raise InputError(f"{name}={value}: extensions must be >= 0 and multiples of the tokenizer factor "
                                  f"f={self.factor}")
         if left == top == right == bottom == 0:
-            raise ValueError("outpainting needs at least one of left/top/right/bottom > 0")
+            raise InputError("outpainting needs at least one of left/top/right/bottom > 0")
         canvas = F.pad(pixels, (left, right, top, bottom), value=0.0)
         pixel_mask = torch.ones(canvas.shape[-2:], dtype=torch.bool)
         pixel_mask[top:top + pixels.shape[-2], left:left + pixels.shape[-1]] = False

@@ -16,16 +16,22 @@ import contextlib
 import torch
 from torch import nn
 
+from sundae.errors import InputError
+
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """None: CUDA when available, else the CPU. A CUDA device on a machine without one is an error."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for but CUDA is not available; use device='cpu'")
+        raise InputError(f"device {device} was asked for but CUDA is not available; use device='cpu'")
     return device
 
 
@@ -34,8 +40,27 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}")
+        raise InputError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}")
     return PRECISIONS[precision]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on ``device``: CUDA with bf16 support, or a CPU with AMX or
+    AVX-512-BF16 (read at run time). Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, present since torch 2.3
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_training_precision(precision: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype of a training step. ``"auto"``: bf16 where its matmuls are native
+    (:func:`native_bf16`), else fp32. Master weights, optimizer state and losses stay fp32 either way."""
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return resolve_precision(precision, device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -75,4 +100,7 @@ def cast_decoder(tokenizer: nn.Module, dtype: torch.dtype, *, channels_last: boo
     return tokenizer
 
 
-__all__ = ["PRECISIONS", "autocast", "cast_decoder", "cast_linear_weights", "resolve_device", "resolve_precision"]
+__all__ = [
+    "PRECISIONS", "PRECISION_CHOICES", "autocast", "cast_decoder", "cast_linear_weights", "native_bf16", "resolve_device", "resolve_precision",
+    "resolve_training_precision",
+]

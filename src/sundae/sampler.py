@@ -2,11 +2,13 @@
 
 Starting from uniform random tokens (or from given tokens), each of ``steps`` iterations computes
 the denoiser's logits, draws new tokens at an annealed temperature, and writes them into a random
-``proportion`` of the positions. Samples stop on their own once a step leaves them unchanged
-(after ``min_steps``); finished samples are frozen at once on the device and leave the forward
-batch at the next compaction, so they cost nothing afterwards. A keep-mask pins known tokens
-(inpainting, outpainting, refinement), and classifier-free guidance mixes conditional and null-class
-logits.
+``proportion`` of the positions. A sample stops on its own once a step that updated at least one
+of its free (not kept) positions leaves it unchanged, at step ``min_steps`` at the earliest; a step
+whose random draw updated none of its free positions could not have changed it, so it says nothing
+about convergence and never stops it. Finished samples are frozen at once on the device and leave
+the forward batch at the next compaction, so they cost nothing afterwards. A keep-mask pins known
+tokens (inpainting, outpainting, refinement), and classifier-free guidance mixes conditional and
+null-class logits.
 
 Randomness is counter-based: every random number is a hash of (sample seed, step, stream,
 position) computed on the device. Hence a sample depends only on its own seed, never on the batch
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from sundae.config import ConfigBase, ConfigError
+from sundae.errors import InputError
 
 _MASK32 = 0xFFFFFFFF
 _STREAM_INIT, _STREAM_DRAW, _STREAM_UPDATE = 1, 2, 3
@@ -37,7 +40,13 @@ _STREAM_INIT, _STREAM_DRAW, _STREAM_UPDATE = 1, 2, 3
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingOptions(ConfigBase):
-    """Sampler knobs. Defaults follow the paper's recommendations (§3.4, Figs. 8, 12, 13)."""
+    """Sampler knobs. Defaults follow the paper's recommendations (§3.4, Figs. 8, 12, 13).
+
+    Steps count from 1. With ``early_stop`` a sample stops after the first step that updated at
+    least one of its free positions and left all of them unchanged; ``min_steps`` is the earliest
+    step it may stop at (``min_steps=3``: steps 1 and 2 always run, a sample may stop at step 3;
+    0 and 1 both let it stop at step 1). ``steps_taken`` of :class:`SampleOutput` is that step.
+    """
 
     steps: int = 100
     temperature: float = 1.0  # at the first step
@@ -50,7 +59,7 @@ class SamplingOptions(ConfigBase):
     top_p: float | None = None
     guidance_scale: float = 1.0  # 1: plain conditional; 0: unconditional; >1: classifier-free guidance
     early_stop: bool = True
-    min_steps: int = 0  # a sample may stop only after this many steps
+    min_steps: int = 0  # the earliest step (counted from 1) at which a sample may stop on its own
     compaction_interval: int = 1  # steps between removals of finished samples (each costs one sync)
 
     def validate(self) -> None:
@@ -92,7 +101,7 @@ def _schedule(start: float, end: float, step: int, steps: int, kind: str) -> flo
 @dataclass
 class SampleOutput:
     tokens: Tensor  # (B, h, w) long
-    steps_taken: Tensor  # (B,) long: the step count after which each sample stopped
+    steps_taken: Tensor  # (B,) long: the step (from 1) each sample stopped at; ``steps`` when it never stopped
     trajectory: list[Tensor] | None = None  # per step, (B, h, w) on CPU, when asked for
     forward_rows: list[int] = field(default_factory=list)  # samples in the forward batch at each step run
 
@@ -207,11 +216,14 @@ def denoising_step(model: nn.Module, tokens: Tensor, labels: Tensor | None, keys
                    step_keys: Tensor, temperature: Tensor, proportion: Tensor, frozen: Tensor, finished: Tensor, *,
                    null_class: int | None, guidance_scale: float, top_k: int | None,
                    top_p: float | None) -> tuple[Tensor, Tensor]:
-    """One sampling step (paper §3.4): new tokens (B, h, w) and which unfinished samples it left unchanged (B,).
+    """One sampling step (paper §3.4): new tokens (B, h, w) and which unfinished samples it left
+    unchanged although it updated at least one of their free positions (B,): the self-stop signal.
 
     Logits at ``temperature`` give a proposal per position (inverse-CDF draw on the stream
     ``step_keys[0]``); a ``proportion`` of the positions (stream ``step_keys[1]``) take it, except
-    ``frozen`` positions and ``finished`` samples. Tensors only, so that it compiles into one graph.
+    ``frozen`` positions and ``finished`` samples. A sample none of whose free positions was drawn
+    for update is not "unchanged": the step could not have changed it (with a small free region,
+    e.g. one inpainted token, that is most steps). Tensors only, so that it compiles into one graph.
     """
     logits = _guided_logits(model, tokens, labels, null_class, guidance_scale)
     logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
@@ -219,7 +231,8 @@ def denoising_step(model: nn.Module, tokens: Tensor, labels: Tensor | None, keys
     update = uniform_from_keys(keys, step_keys[1], hashes).view_as(tokens) < proportion
     update &= ~frozen & ~finished[:, None, None]
     new_tokens = torch.where(update, proposal, tokens)
-    unchanged = (new_tokens == tokens).flatten(1).all(dim=1) & ~finished
+    # `update` excludes finished samples, so this is False for them too
+    unchanged = update.flatten(1).any(dim=1) & (new_tokens == tokens).flatten(1).all(dim=1)
     return new_tokens, unchanged
 
 
@@ -241,7 +254,7 @@ def step_function(compile_mode: str | None) -> Callable[..., tuple[Tensor, Tenso
     if compile_mode is None:
         return denoising_step
     if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode must be None or one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+        raise InputError(f"compile_mode must be None or one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     if compile_mode not in _compiled_steps:
         _compiled_steps[compile_mode] = torch.compile(denoising_step, mode=compile_mode, fullgraph=True)
     return _compiled_steps[compile_mode]
@@ -264,18 +277,18 @@ def rows_to_keep(finished: Tensor, *, bucketed: bool) -> Tensor | None:
 def _check_inputs(model: nn.Module, tokens: Tensor, labels: Tensor | None, keep_mask: Tensor | None,
                   codebook_size: int, num_classes: int | None) -> None:
     if tokens.dim() != 3:
-        raise ValueError(f"tokens must be (B, h, w), got shape {tuple(tokens.shape)}")
+        raise InputError(f"tokens must be (B, h, w), got shape {tuple(tokens.shape)}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= codebook_size):
-        raise ValueError(f"tokens must lie in [0, {codebook_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+        raise InputError(f"tokens must lie in [0, {codebook_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
     if keep_mask is not None and keep_mask.shape != tokens.shape:
-        raise ValueError(f"keep_mask shape {tuple(keep_mask.shape)} differs from tokens {tuple(tokens.shape)}")
+        raise InputError(f"keep_mask shape {tuple(keep_mask.shape)} differs from tokens {tuple(tokens.shape)}")
     if labels is not None:
         if num_classes is None:
-            raise ValueError("class labels were given but the model is unconditional")
+            raise InputError("class labels were given but the model is unconditional")
         if labels.shape != (tokens.shape[0],):
-            raise ValueError(f"class_labels must have shape ({tokens.shape[0]},), got {tuple(labels.shape)}")
+            raise InputError(f"class_labels must have shape ({tokens.shape[0]},), got {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"class labels must lie in [0, {num_classes}), got {labels.tolist()}")
+            raise InputError(f"class labels must lie in [0, {num_classes}), got {labels.tolist()}")
 
 
 @torch.inference_mode()
@@ -319,7 +332,7 @@ def sample(
     codebook_size, num_classes = config.codebook_size, config.num_classes
     if tokens is None:
         if num_samples is None or grid_shape is None:
-            raise ValueError("give either tokens or both num_samples and grid_shape")
+            raise InputError("give either tokens or both num_samples and grid_shape")
         tokens = torch.zeros(num_samples, *grid_shape, dtype=torch.long, device=device)
         if randomize_mask is None:
             randomize_mask = torch.ones_like(tokens, dtype=torch.bool)
@@ -328,13 +341,13 @@ def sample(
     labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long, device=device)
     _check_inputs(model, tokens, labels, keep_mask, codebook_size, num_classes)
     if options.guidance_scale != 1.0 and labels is None and num_classes is not None:
-        raise ValueError("classifier-free guidance needs class_labels")
+        raise InputError("classifier-free guidance needs class_labels")
 
     if seeds is None:
         seeds = seeds_from_generator(batch, generator)
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
     if seeds.shape != (batch,):
-        raise ValueError(f"need one seed per sample ({batch}), got {tuple(seeds.shape)}")
+        raise InputError(f"need one seed per sample ({batch}), got {tuple(seeds.shape)}")
     step = step_function(compile_mode)
     keys = seed_keys(seeds.to(device))
     grid = tuple(tokens.shape[1:])
@@ -370,7 +383,7 @@ def sample(
                                      proportions[index], frozen, finished, **constants)
         if graphed:  # a CUDA graph's outputs are overwritten by its next replay
             new_tokens, unchanged = new_tokens.clone(), unchanged.clone()
-        if options.early_stop and index + 1 > options.min_steps:
+        if options.early_stop and index + 1 >= options.min_steps:  # step index + 1 is the step just run
             steps_taken[rows] = torch.where(unchanged, index + 1, steps_taken[rows])
             finished = finished | unchanged
         tokens = new_tokens

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sundae.checkpoint import unwrap_model
+from sundae.errors import InputError
 
 Denoiser = Callable[..., Tensor]  # model(tokens, class_labels) -> logits
 
@@ -52,13 +53,13 @@ def corrupt(
     (a draw may equal the original token, with probability ``1 / codebook_size``).
     """
     if codebook_size < 1:
-        raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        raise InputError(f"codebook_size must be >= 1, got {codebook_size}")
     batch = tokens.shape[0]
     if threshold is None:
         threshold = torch.rand(batch, generator=generator, device=tokens.device)
     threshold = torch.as_tensor(threshold, dtype=torch.float32, device=tokens.device)
     if threshold.dim() not in (0, 1) or (threshold.dim() == 1 and threshold.shape[0] != batch):
-        raise ValueError(f"threshold must be a float or a ({batch},) tensor, got shape {tuple(threshold.shape)}")
+        raise InputError(f"threshold must be a float or a ({batch},) tensor, got shape {tuple(threshold.shape)}")
     per_token_threshold = threshold.reshape(-1, *([1] * (tokens.dim() - 1)))  # (B or 1, 1, ...)
     uniform = torch.rand(tokens.shape, generator=generator, device=tokens.device)
     mask = uniform < per_token_threshold
@@ -83,7 +84,7 @@ def unroll(
     ``t-1``'s logits. ``z_T`` is not drawn: nothing uses it.
     """
     if steps < 1:
-        raise ValueError(f"unroll needs at least one step, got steps={steps}")
+        raise InputError(f"unroll needs at least one step, got steps={steps}")
     logits_per_step = []
     tokens = tokens_0
     for step in range(steps):
@@ -133,7 +134,7 @@ def _model_codebook_size(model: Denoiser) -> int:
     config = getattr(unwrap_model(model), "config", None)  # type: ignore[arg-type]
     codebook_size = getattr(config, "codebook_size", None)
     if codebook_size is None:
-        raise ValueError(
+        raise InputError(
             f"cannot read the codebook size from a {type(model).__name__} (no config.codebook_size); "
             "pass codebook_size= to sundae_loss"
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from sundae.data.images import grid_array
+from sundae.errors import InputError
 from sundae.pipeline import decode_tokens_to_images
 
 
@@ -16,7 +17,7 @@ def save_trajectory_gif(frames: list[Tensor], tokenizer: nn.Module, path: str | 
     from PIL import Image
 
     if not frames:
-        raise ValueError("no trajectory frames to write")
+        raise InputError("no trajectory frames to write")
     pictures = [Image.fromarray(grid_array(decode_tokens_to_images(tokens, tokenizer), nrow=nrow)) for tokens in frames]
     durations = [frame_ms] * (len(pictures) - 1) + [hold_last_ms]
     path = Path(path)

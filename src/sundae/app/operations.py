@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from sundae.app.validation import MAX_BATCH_PIXELS, MAX_IMAGE_SIDE, RequestError
+from sundae.app.validation import MAX_BATCH_PIXELS, MAX_IMAGES, SIDES, CanvasLimit, RequestError
 from sundae.app.worker import Job
 from sundae.pipeline import PipelineOutput, SundaePipeline, to_pil
 from sundae.sampler import SamplingOptions
@@ -58,6 +58,13 @@ class PreviewSchedule:
 # --- checks that need the model -------------------------------------------------------------
 
 
+def request_pixel_budget(pipeline: SundaePipeline) -> int:
+    """Images × pixels one request may make: a full batch of the model's own images (``MAX_IMAGES``),
+    and never over ``MAX_BATCH_PIXELS``; so a large canvas takes fewer fills."""
+    height, width = pipeline.image_size
+    return min(MAX_BATCH_PIXELS, MAX_IMAGES * height * width)
+
+
 def check_sampling(pipeline: SundaePipeline, request: dict[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
     """Resolve the class and seed and check the options against the model; returns the request completed."""
     label = request["class_label"]
@@ -70,10 +77,11 @@ def check_sampling(pipeline: SundaePipeline, request: dict[str, Any], image_size
     if request["guidance_scale"] != 1.0 and (not conditional or label is None):
         raise RequestError("classifier-free guidance needs a class-conditional model and a class_label; "
                            "set it to 1 or choose a class", field="guidance_scale")
-    pixels = request["num_images"] * image_size[0] * image_size[1]
-    if pixels > MAX_BATCH_PIXELS:
-        raise RequestError(f"{request['num_images']} images of {image_size[1]}x{image_size[0]} pixels exceed the "
-                           f"{MAX_BATCH_PIXELS}-pixel budget of one request; ask for fewer", field="num_images")
+    pixels, budget = request["num_images"] * image_size[0] * image_size[1], request_pixel_budget(pipeline)
+    if pixels > budget:
+        raise RequestError(f"{request['num_images']} images of {image_size[1]}x{image_size[0]} pixels exceed this "
+                           f"model's budget of {budget} pixels per request ({MAX_IMAGES} images of its own size); "
+                           "ask for fewer or a smaller canvas", field="num_images")
     seed = request["seed"] if request["seed"] is not None else secrets.randbelow(RANDOM_SEED_BOUND)
     return {**request, "class_label": label, "seed": seed}
 
@@ -100,8 +108,9 @@ def mask_array(image: Image.Image, mask: Image.Image) -> np.ndarray:
     return array
 
 
-def outpainted_size(pipeline: SundaePipeline, image: Image.Image, request: dict[str, Any]) -> tuple[int, int]:
-    sides = {side: request[side] for side in ("left", "top", "right", "bottom")}
+def outpainted_size(pipeline: SundaePipeline, image: Image.Image, request: dict[str, Any],
+                    canvas: CanvasLimit) -> tuple[int, int]:
+    sides = {side: request[side] for side in SIDES}
     for side, value in sides.items():
         if value % pipeline.factor:
             raise RequestError(f"must be a multiple of the tokenizer factor f={pipeline.factor}, got {value}",
@@ -109,9 +118,8 @@ def outpainted_size(pipeline: SundaePipeline, image: Image.Image, request: dict[
     if not any(sides.values()):
         raise RequestError("outpainting needs at least one of left/top/right/bottom > 0", field="left")
     size = (image.height + sides["top"] + sides["bottom"], image.width + sides["left"] + sides["right"])
-    if max(size) > MAX_IMAGE_SIDE:
-        raise RequestError(f"the extended canvas would be {size[1]}x{size[0]} pixels; the largest side allowed is "
-                           f"{MAX_IMAGE_SIDE}", field="left")
+    widest = max(SIDES, key=lambda side: sides[side])
+    canvas.check(size, what="the extended canvas would be", field=widest)
     return size
 
 
@@ -138,7 +146,11 @@ def _finish(job: Job, output: PipelineOutput, request: dict[str, Any], folder: R
     record = {"seeds": seeds, "steps_taken": output.steps_taken.tolist()}
     settings = {key: value for key, value in request.items() if not isinstance(value, (Image.Image, np.ndarray))}
     files = [] if folder is None else folder.save(job, output.images, {**record, "settings": settings})
-    return {"images": [png_data_url(image) for image in output.images], **record, "files": files}
+    urls = []
+    for image in output.images:
+        job.raise_if_cancelled()  # encoding many large PNGs takes a while too
+        urls.append(png_data_url(image))
+    return {"images": urls, **record, "files": files}
 
 
 def generate(pipeline: SundaePipeline, request: dict[str, Any], job: Job,
@@ -177,7 +189,7 @@ def edit(pipeline: SundaePipeline, request: dict[str, Any], job: Job, folder: Re
     return _finish(job, output, request, folder)
 
 
-def prepare(pipeline: SundaePipeline, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+def prepare(pipeline: SundaePipeline, kind: str, request: dict[str, Any], canvas: CanvasLimit) -> dict[str, Any]:
     """All model-dependent checks of a validated request, done before it is queued (so they are 4xx errors)."""
     if kind == "generate":
         size = pipeline.image_size
@@ -185,7 +197,7 @@ def prepare(pipeline: SundaePipeline, kind: str, request: dict[str, Any]) -> dic
         check_image(pipeline, request["image"])
         size = (request["image"].height, request["image"].width)
         if kind == "outpaint":
-            size = outpainted_size(pipeline, request["image"], request)
+            size = outpainted_size(pipeline, request["image"], request, canvas)
         else:
             request = {**request, "mask": mask_array(request["image"], request["mask"])}
     request = check_sampling(pipeline, request, size)

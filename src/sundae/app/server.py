@@ -15,9 +15,11 @@ images), and lines of JSON are read just as easily by ``fetch`` in the page and 
 Behaviour. The server binds 127.0.0.1 unless told otherwise and then answers only requests
 addressed to that host (no DNS rebinding); requests must be JSON (so another web site cannot post
 to it without a CORS pre-flight it will not get). Every field is validated (HTTP 422 naming the
-field; a body over the limit is HTTP 413). One worker thread runs the model, so concurrent
-requests queue and never mix; a client that disconnects cancels its job. Results are written only
-into the output folder, under names the server makes.
+field; a body over the limit is HTTP 413, malformed JSON HTTP 400), and sizes follow the model: an
+image or outpainted canvas is at most ``max_canvas_scale`` times the model's image size per side.
+One worker thread runs the model, so concurrent requests queue and never mix; a client that
+disconnects cancels its job, within one module's forward pass (sampling, encoding or decoding).
+Results are written only into the output folder, under names the server makes.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from torch import nn
 
 from sundae.app import operations
-from sundae.app.validation import (MAX_BATCH_PIXELS, MAX_IMAGE_SIDE, MAX_IMAGES, MAX_STEPS, OPERATION_FIELDS,
-                                   RequestError, describe_fields, read_fields)
+from sundae.app.validation import (DEFAULT_MAX_CANVAS_SCALE, MAX_IMAGES, MAX_JSON_DEPTH, MAX_STEPS, OPERATIONS,
+                                   CanvasLimit, RequestError, describe_fields, operation_fields, read_request)
 from sundae.app.worker import Event, Job, ModelWorker
+from sundae.checkpoint import CheckpointError, read_json
 from sundae.pipeline import SundaePipeline
 from sundae.tokenizer.pixels import PixelTokenizer
 
@@ -54,6 +58,8 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 10 * 2**20
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+# names of the folder a trainer exports its model into, which say nothing about the model
+GENERIC_MODEL_NAMES = ("model", "checkpoint", "pipeline")
 # The page loads nothing but its own files; images are data: URLs.
 CONTENT_SECURITY_POLICY = "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'"
 
@@ -78,8 +84,9 @@ def body_too_large(max_bytes: int) -> RequestError:
     return RequestError(f"the request is larger than {max_bytes / 2**20:.3g} MB; upload a smaller image", status=413)
 
 
-async def read_json_body(request: Request, max_bytes: int) -> Any:
-    """The request's JSON, refusing bodies over ``max_bytes`` before (Content-Length) or while reading them."""
+async def read_json_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, refusing bodies over ``max_bytes`` before (Content-Length) or while reading them,
+    and anything not sent as JSON; it is parsed by :func:`~sundae.app.validation.read_request`."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise RequestError("send the request as JSON (Content-Type: application/json)", status=415)
     declared = request.headers.get("content-length")
@@ -90,10 +97,7 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         body += chunk
         if len(body) > max_bytes:
             raise body_too_large(max_bytes)
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(f"the request body is not valid JSON ({error})", status=400) from None
+    return bytes(body)
 
 
 def json_line(event: Event) -> bytes:
@@ -126,10 +130,16 @@ def stream_job(worker: ModelWorker, kind: str, run: Callable[[Job], dict[str, An
 def operation_endpoint(kind: str, max_body_bytes: int) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         state = request.app.state
-        body = await read_json_body(request, max_body_bytes)
-        # decoding images takes a while; a thread keeps the event loop streaming other clients' previews
-        values = await run_in_threadpool(read_fields, body, OPERATION_FIELDS[kind])
-        prepared = await run_in_threadpool(operations.prepare, state.pipeline, kind, values)
+        try:
+            body = await read_json_body(request, max_body_bytes)
+            # parsing and decoding images take a while; a thread keeps the event loop streaming others' previews
+            values = await run_in_threadpool(read_request, body, state.fields[kind])
+            prepared = await run_in_threadpool(operations.prepare, state.pipeline, kind, values, state.canvas)
+        except RequestError:
+            raise
+        except Exception as error:  # answered here: Starlette's last-resort handler re-raises, and uvicorn then
+            logger.exception("a %s request failed", kind)  # drops the connection after the response
+            return internal_error_response(error)
         work = operations.generate if kind == "generate" else operations.edit
         return stream_job(state.worker, kind, partial(work, state.pipeline, prepared, folder=state.folder))
 
@@ -140,9 +150,11 @@ async def info(request: Request) -> JSONResponse:
     state = request.app.state
     return JSONResponse({
         "model": model_facts(state.pipeline),
-        "limits": {"max_body_bytes": state.max_body_bytes, "max_image_side": MAX_IMAGE_SIDE,
-                   "max_images": MAX_IMAGES, "max_steps": MAX_STEPS, "max_batch_pixels": MAX_BATCH_PIXELS},
-        "operations": {kind: describe_fields(fields) for kind, fields in OPERATION_FIELDS.items()},
+        "limits": {"max_body_bytes": state.max_body_bytes, "max_canvas": list(state.canvas.max_size),
+                   "max_canvas_scale": state.canvas.scale, "max_images": MAX_IMAGES, "max_steps": MAX_STEPS,
+                   "max_batch_pixels": operations.request_pixel_budget(state.pipeline),
+                   "max_json_depth": MAX_JSON_DEPTH},
+        "operations": {kind: describe_fields(fields) for kind, fields in state.fields.items()},
         "saving": state.folder is not None,
         "unfinished_jobs": state.worker.unfinished,
     })
@@ -152,37 +164,68 @@ async def index(_: Request) -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
 
 
+async def favicon(_: Request) -> FileResponse:
+    """Browsers ask for /favicon.ico whatever the page links; the page's own icon answers."""
+    return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
+
 async def request_error(_: Request, error: RequestError) -> JSONResponse:
     return JSONResponse({"error": str(error), "field": error.field}, status_code=error.status)
 
 
+def internal_error_response(error: Exception) -> JSONResponse:
+    """A bug still answers in one JSON line (the traceback goes to the log, not to the client)."""
+    return JSONResponse({"error": f"internal error ({type(error).__name__}); see the server log", "field": None},
+                        status_code=500)
+
+
+async def internal_error(_: Request, error: Exception) -> JSONResponse:
+    return internal_error_response(error)
+
+
+def cancellation_points(pipeline: SundaePipeline) -> list[nn.Module]:
+    """The modules whose forward passes check the running job's cancel flag: every module of the
+    tokenizer (a large canvas makes encode and decode long; they run once a job, so the checks cost
+    nothing), and the prior with, when it runs eagerly, each layer of its stacks (the elements of its
+    ModuleLists: a long step stops mid-way for a few checks a step); a compiled step is one graph, so
+    there only the prior itself."""
+    prior = pipeline.prior
+    layers = [] if pipeline.compile_mode is not None else \
+        [layer for module in prior.modules() if isinstance(module, nn.ModuleList) for layer in module]
+    return [prior, *layers, *pipeline.tokenizer.modules()]
+
+
 def create_app(pipeline: SundaePipeline, *, output_dir: str | os.PathLike | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_canvas_scale: float = DEFAULT_MAX_CANVAS_SCALE,
                allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> Starlette:
     """The ASGI app over ``pipeline``; results are also saved in ``output_dir`` when it is given.
 
-    ``allowed_hosts`` are the Host header values answered (``["*"]``: any).
+    ``max_canvas_scale``: an uploaded image or an outpainted canvas may be at most this many times the
+    model's image size on each side. ``allowed_hosts`` are the Host header values answered (``["*"]``: any).
     """
+    canvas = CanvasLimit(tuple(pipeline.image_size), max_canvas_scale)
     folder = None
     if output_dir is not None:
         directory = Path(output_dir).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         folder = operations.ResultFolder(directory)
-    worker = ModelWorker(pipeline.prior)
+    worker = ModelWorker(*cancellation_points(pipeline))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         yield
         worker.shutdown()
 
-    routes = [Route("/", index), Route("/api/info", info),
+    routes = [Route("/", index), Route("/favicon.ico", favicon), Route("/api/info", info),
               *(Route(f"/api/{kind}", operation_endpoint(kind, max_body_bytes), methods=["POST"])
-                for kind in OPERATION_FIELDS),
+                for kind in OPERATIONS),
               Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RequestError: request_error},
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={RequestError: request_error, Exception: internal_error},
                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))])
     app.state.pipeline, app.state.worker, app.state.folder = pipeline, worker, folder
-    app.state.max_body_bytes = max_body_bytes
+    app.state.max_body_bytes, app.state.canvas = max_body_bytes, canvas
+    app.state.fields = operation_fields(canvas, pipeline.factor)
     return app
 
 
@@ -192,25 +235,45 @@ def allowed_hosts_for(host: str) -> list[str]:
     return list(dict.fromkeys([*LOOPBACK_HOSTS, host]))
 
 
+def model_name(directory: Path) -> str:
+    """What the page calls a model: the ``name`` in its config.json if it has one, else its folder's name,
+    or the run's folder for a trainer's ``<run>/model`` export (so two trained models are not both "model")."""
+    try:
+        config = read_json(directory / "config.json")
+    except CheckpointError:  # loading the model says what is wrong with it; here a name is all
+        config = {}
+    name = config.get("name") if isinstance(config, dict) else None
+    if isinstance(name, str) and name.strip():
+        return name.strip()
+    directory = directory.resolve()
+    if directory.name in GENERIC_MODEL_NAMES and directory.parent.name:
+        return directory.parent.name
+    return directory.name
+
+
 def load_pipeline(model_dir: str | os.PathLike | None, device: str | None = None,
                   precision: str = "auto") -> SundaePipeline:
-    """The model in ``model_dir``, or the shipped default model."""
+    """The model in ``model_dir``, or the shipped default model, named by :func:`model_name`."""
     from sundae.cli import DEFAULT_MODEL  # the CLI imports this module lazily, so no import cycle
 
     directory = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist; give a SundaePipeline directory")
-    return SundaePipeline.from_pretrained(directory, device=device, precision=precision)
+    pipeline = SundaePipeline.from_pretrained(directory, device=device, precision=precision)
+    pipeline.name = model_name(directory)
+    return pipeline
 
 
 def serve(model_dir: str | os.PathLike | None = None, *, host: str = "127.0.0.1", port: int = 7860,
-          output_dir: str | os.PathLike | None = None, device: str | None = None, precision: str = "auto") -> None:
+          output_dir: str | os.PathLike | None = None, device: str | None = None, precision: str = "auto",
+          max_canvas_scale: float = DEFAULT_MAX_CANVAS_SCALE) -> None:
     """Run the web app until interrupted (CUDA when available, in bf16 there by default). Binds loopback unless
-    ``host`` says otherwise."""
+    ``host`` says otherwise; ``max_canvas_scale`` bounds images and canvases (see :func:`create_app`)."""
     import uvicorn
 
     pipeline = load_pipeline(model_dir, device, precision)
-    app = create_app(pipeline, output_dir=output_dir, allowed_hosts=allowed_hosts_for(host))
+    app = create_app(pipeline, output_dir=output_dir, max_canvas_scale=max_canvas_scale,
+                     allowed_hosts=allowed_hosts_for(host))
     if host not in LOOPBACK_HOSTS:
         logger.warning("serving on %s: anyone who can reach this address can use the model (there is no login)", host)
     logger.info("sundae app for model %s on %s: http://%s:%d", pipeline.name, pipeline.device,

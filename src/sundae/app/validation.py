@@ -1,9 +1,14 @@
 """Reading the web app's JSON requests: every field typed, ranged and named in its error.
 
-Each operation (generate, inpaint, refine, outpaint; paper §3.4, §3.6) is a table of fields. The same
-table validates requests (unknown or mistyped fields are an HTTP 422 naming the field, never a
-silent default) and is sent to the page by ``/api/info``, which builds its form inputs from it, so
-defaults and ranges live in one place.
+Each operation (generate, inpaint, refine, outpaint; paper §3.4, §3.6) is a table of fields, made for
+the served model by :func:`operation_fields`. The same table validates requests (unknown or mistyped
+fields are an HTTP 422 naming the field, never a silent default) and is sent to the page by
+``/api/info``, which builds its form inputs from it, so defaults and ranges live in one place.
+
+A request is small but may ask for a lot of work, so every size follows the model: an image or an
+outpainted canvas is at most :class:`CanvasLimit` (a few times the model's image size per side), its
+header is checked before a pixel is decoded, and the body itself is parsed with bounded nesting and
+number lengths (:func:`parse_json`), so a hostile body is a one-line 400, never a server error.
 """
 
 from __future__ import annotations
@@ -19,14 +24,20 @@ from typing import Any
 
 from PIL import Image
 
+from sundae.errors import InputError
 from sundae.pipeline import INPAINT_DEFAULTS
 
 MAX_STEPS = 1000
 MAX_IMAGES = 64
-MAX_IMAGE_SIDE = 4096
+MAX_IMAGE_SIDE = 4096  # whatever the model
 MAX_BATCH_PIXELS = 2**24  # images × pixels per request: 64 at 512², 16 at 1024²; bounds memory
 MAX_SEED = 2**53 - 1  # the largest integer a browser's JSON keeps exact
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+DEFAULT_MAX_CANVAS_SCALE = 4.0
+MAX_JSON_DEPTH = 8  # requests are flat objects; this leaves room for list-valued fields
+MAX_INTEGER_DIGITS = 30  # the largest field (seed) has 16; Python refuses over 4300 (a ValueError)
+GREY_MODES = ("1", "L", "LA", "I", "F")  # and I;16*
+MAX_CLASS_NAME = 200
 
 
 def shown(value: Any) -> str:
@@ -35,7 +46,7 @@ def shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A request the app refuses; ``status`` is the HTTP code and ``field`` the culprit, if one."""
 
     def __init__(self, message: str, *, field: str | None = None, status: int = 422) -> None:
@@ -45,6 +56,38 @@ class RequestError(ValueError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class CanvasLimit:
+    """The largest image a request may send or make: ``scale`` × the model's image size on each side.
+
+    The encoder's attention grows with the square of the area and the sampler's work with the area,
+    so without this an 84-byte outpaint request could ask a 28² model for a 4028² canvas (gigabytes,
+    minutes of work).
+    """
+
+    image_size: tuple[int, int]  # the model's (height, width) in pixels
+    scale: float = DEFAULT_MAX_CANVAS_SCALE
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale >= 1):
+            raise ValueError(f"max_canvas_scale must be a number >= 1, got {self.scale}")
+
+    @property
+    def max_size(self) -> tuple[int, int]:
+        """(height, width)."""
+        height, width = (min(MAX_IMAGE_SIDE, math.floor(side * self.scale)) for side in self.image_size)
+        return height, width
+
+    def check(self, size: tuple[int, int], *, what: str, field: str) -> None:
+        """Refuse a (height, width) over the limit, naming the limit and the option that sets it."""
+        (height, width), (max_height, max_width) = size, self.max_size
+        if height > max_height or width > max_width:
+            model_height, model_width = self.image_size
+            raise RequestError(f"{what} {width}x{height} pixels; this model allows at most {max_width}x{max_height} "
+                               f"({self.scale:g} × its {model_width}x{model_height} images; the server's "
+                               "max_canvas_scale option sets this)", field=field)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Integer:
     label: str
@@ -52,6 +95,7 @@ class Integer:
     minimum: int
     maximum: int
     nullable: bool = False
+    step: int = 1  # the page's input granularity
 
     def read(self, name: str, value: Any) -> int | None:
         if value is None and self.nullable:
@@ -65,7 +109,7 @@ class Integer:
 
     def describe(self) -> dict[str, Any]:
         return {"type": "integer", "label": self.label, "default": self.default, "minimum": self.minimum,
-                "maximum": self.maximum, "nullable": self.nullable}
+                "maximum": self.maximum, "nullable": self.nullable, "step": self.step}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +173,9 @@ class ClassLabel:
     default: None = None
 
     def read(self, name: str, value: Any) -> int | str | None:
+        if isinstance(value, str) and len(value) > MAX_CLASS_NAME:
+            raise RequestError(f"is a {len(value)}-character name; class names are at most {MAX_CLASS_NAME}",
+                               field=name)
         if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return value
         raise RequestError(f"must be a class name, a class index or null, got {shown(value)}", field=name)
@@ -143,11 +190,12 @@ class EncodedImage:
 
     label: str
     default: None = None
+    canvas: CanvasLimit | None = None  # None: only MAX_IMAGE_SIDE
 
     def read(self, name: str, value: Any) -> Image.Image:
         if not isinstance(value, str):
             raise RequestError(f"must be a base64 image (a data: URL), got {type(value).__name__}", field=name)
-        return decode_image(name, value)
+        return decode_image(name, value, self.canvas)
 
     def describe(self) -> dict[str, Any]:
         return {"type": "image", "label": self.label, "default": None}
@@ -156,8 +204,9 @@ class EncodedImage:
 Field = Integer | Number | Boolean | Choice | ClassLabel | EncodedImage
 
 
-def decode_image(name: str, text: str) -> Image.Image:
-    """Data URL -> loaded PIL image; its size is checked from the header before any pixel is decoded."""
+def decode_image(name: str, text: str, canvas: CanvasLimit | None = None) -> Image.Image:
+    """Data URL -> loaded PIL image in mode L or RGB; its size is checked from the header (against
+    ``canvas`` when given) before any pixel is decoded."""
     payload = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
     try:
         data = base64.b64decode(payload, validate=True)
@@ -170,12 +219,61 @@ def decode_image(name: str, text: str) -> Image.Image:
             if max(image.size) > MAX_IMAGE_SIDE:
                 raise RequestError(f"is {image.width}x{image.height} pixels; the largest side allowed is "
                                    f"{MAX_IMAGE_SIDE}", field=name)
+            if canvas is not None:
+                canvas.check((image.height, image.width), what="is", field=name)
             image.load()
+            if image.mode not in ("L", "RGB"):  # the pipeline reads L or RGB; odd modes fail here, as unreadable
+                grey = image.mode in GREY_MODES or image.mode.startswith("I;16")
+                image = image.convert("L" if grey else "RGB")
     except RequestError:
         raise
     except Exception:  # PIL raises many types for a corrupt or unknown file; all mean the same to the user
         raise RequestError(f"is not a readable image ({', '.join(UPLOAD_FORMATS)})", field=name) from None
     return image
+
+
+def _bounded_integer(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise RequestError(f"the request body holds an integer of {len(digits.lstrip('-'))} digits; no field takes "
+                           f"more than {MAX_INTEGER_DIGITS}", status=400)
+    return int(digits)
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply arrays and objects nest in ``value`` (a scalar: 0), counted without recursion and
+    only until it passes ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= limit:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body -> its JSON value; anything malformed or hostile (bad UTF-8, nesting deeper than
+    ``MAX_JSON_DEPTH``, integers longer than ``MAX_INTEGER_DIGITS``) is a one-line HTTP 400."""
+    too_deep = RequestError(f"the request body nests arrays or objects more than {MAX_JSON_DEPTH} levels deep",
+                            status=400)
+    try:
+        value = json.loads(body, parse_int=_bounded_integer)
+    except RequestError:
+        raise
+    except RecursionError:  # the C parser's own guard, far deeper than the limit
+        raise too_deep from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a float too long to parse
+        message = " ".join(str(error).split())[:200]
+        raise RequestError(f"the request body is not valid JSON ({message})", status=400) from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    return value
+
+
+def read_request(body: bytes, fields: dict[str, Field]) -> dict[str, Any]:
+    """A request body parsed and validated against its operation's fields."""
+    return read_fields(parse_json(body), fields)
 
 
 def read_fields(body: Any, fields: dict[str, Field]) -> dict[str, Any]:
@@ -218,23 +316,40 @@ def _sampling_fields(*, steps: int, temperature: float, end_temperature: float, 
     }
 
 
-_EDIT_SAMPLING = _sampling_fields(steps=50, num_images=4, images_label="Fills", **INPAINT_DEFAULTS)
-_MASK_FIELDS: dict[str, Field] = {
-    "mask": EncodedImage(label="Mask (white = regenerate)"),
-    "mask_rule": Choice(label="Token mask rule", default="any", choices=("any", "all")),
-    "paste_back": Boolean(label="Paste unmasked pixels back", default=True),
-}
+OPERATIONS = ("generate", "inpaint", "refine", "outpaint")
+SIDES = ("left", "top", "right", "bottom")
 
-OPERATION_FIELDS: dict[str, dict[str, Field]] = {
-    "generate": _sampling_fields(steps=50, temperature=1.0, end_temperature=0.6, num_images=4, images_label="Images"),
-    "inpaint": {"image": EncodedImage(label="Image"), **_EDIT_SAMPLING, **_MASK_FIELDS},
-    "refine": {"image": EncodedImage(label="Image"),
-               **{**_EDIT_SAMPLING, "steps": Integer(label="Steps", default=30, minimum=1, maximum=MAX_STEPS)},
-               "strength": Number(label="Strength (share of masked tokens reset)", default=0.5, minimum=0.0,
-                                  maximum=1.0),
-               **_MASK_FIELDS},
-    "outpaint": {"image": EncodedImage(label="Image"),
-                 **{side: Integer(label=f"Extend {side} (px)", default=0, minimum=0, maximum=MAX_IMAGE_SIDE)
-                    for side in ("left", "top", "right", "bottom")},
-                 **_EDIT_SAMPLING},
-}
+
+def default_extension(canvas: CanvasLimit, factor: int) -> int:
+    """Outpainting's default extension on the right: half the model's width in whole f-pixel tokens,
+    so a first Run does something visible, and never past the canvas limit."""
+    width, max_width = canvas.image_size[1], canvas.max_size[1]
+    half = -(-width // (2 * factor)) * factor
+    return min(half, (max_width - width) // factor * factor)
+
+
+def operation_fields(canvas: CanvasLimit, factor: int) -> dict[str, dict[str, Field]]:
+    """The field tables of every operation for a model of ``canvas.image_size`` pixels and tokenizer factor f."""
+    image = EncodedImage(label="Image", canvas=canvas)
+    edit_sampling = _sampling_fields(steps=50, num_images=4, images_label="Fills", **INPAINT_DEFAULTS)
+    mask_fields: dict[str, Field] = {
+        "mask": EncodedImage(label="Mask (white = regenerate)", canvas=canvas),
+        "mask_rule": Choice(label="Token mask rule", default="any", choices=("any", "all")),
+        "paste_back": Boolean(label="Paste unmasked pixels back", default=True),
+    }
+    extension = default_extension(canvas, factor)
+    return {
+        "generate": _sampling_fields(steps=50, temperature=1.0, end_temperature=0.6, num_images=4,
+                                     images_label="Images"),
+        "inpaint": {"image": image, **edit_sampling, **mask_fields},
+        "refine": {"image": image,
+                   **{**edit_sampling, "steps": Integer(label="Steps", default=30, minimum=1, maximum=MAX_STEPS)},
+                   "strength": Number(label="Strength (share of masked tokens reset)", default=0.5, minimum=0.0,
+                                      maximum=1.0),
+                   **mask_fields},
+        "outpaint": {"image": image,
+                     **{side: Integer(label=f"Extend {side} (px)", default=extension if side == "right" else 0,
+                                      minimum=0, maximum=MAX_IMAGE_SIDE, step=factor)
+                        for side in SIDES},
+                     **edit_sampling},
+    }

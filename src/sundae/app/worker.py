@@ -5,9 +5,12 @@ compete for memory), so every request becomes a :class:`Job` that a single worke
 arrival order; each job has its own seeds and its own event channel, so results never mix.
 
 A job is cancelled by setting its flag (the server does so when the client disconnects). The
-worker checks the flag before every forward pass of the prior, through a forward pre-hook that
-exists only while the job runs, so sampling stops within one step whatever the operation
-(generation, inpainting, refinement, outpainting) and a queued job that was cancelled never starts.
+worker checks the flag before every forward pass of the modules it watches, through forward
+pre-hooks that exist only while the job runs and act only on the worker's thread. The server
+watches the prior (and each of its layers, when it runs eagerly) and every module of the
+tokenizer, so sampling, but also a long encode or decode, stops within one module's forward
+whatever the operation (generation, inpainting, refinement, outpainting), and a queued job that
+was cancelled never starts.
 """
 
 from __future__ import annotations
@@ -61,10 +64,11 @@ class Job:
 
 
 class ModelWorker:
-    """Runs jobs one at a time on one thread, checking each job's cancel flag before every forward pass."""
+    """Runs jobs one at a time on one thread, checking each job's cancel flag before every forward pass
+    of ``modules`` (each module itself; pass ``module.modules()`` to watch its submodules too)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = modules
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sundae-model")
         self._lock = threading.Lock()
         self._unfinished = 0
@@ -109,7 +113,13 @@ class ModelWorker:
             return {"event": "cancelled"}
         started = time.perf_counter()
         job.emit({"event": "started", "queued_seconds": round(started - job.submitted_at, 3)})
-        handle = self.model.register_forward_pre_hook(lambda *_: job.raise_if_cancelled())
+        worker_thread = threading.get_ident()
+
+        def check(*_: object) -> None:  # another thread using the same modules is not this job
+            if threading.get_ident() == worker_thread:
+                job.raise_if_cancelled()
+
+        handles = [module.register_forward_pre_hook(check) for module in self.modules]
         try:
             result = job.run(job)
         except JobCancelled:
@@ -122,5 +132,6 @@ class ModelWorker:
             message = f"internal error ({type(error).__name__}: {error}); see the server log"
             return {"event": "error", "message": message}
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return {"event": "done", "job": job.id, "seconds": round(time.perf_counter() - started, 3), **result}

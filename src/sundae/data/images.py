@@ -33,13 +33,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sundae.checkpoint import atomic_path
+from sundae.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "webp", "gif", "tif", "tiff")
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset folder or file is missing, empty, inconsistent or was made by something else."""
 
 
@@ -80,7 +81,7 @@ def resize_and_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.I
 def pil_to_tensor(image: Image.Image) -> Tensor:
     """An 8-bit PIL image -> float tensor in [-1, 1] of shape (C, H, W) (C = 1 for "L", 3 for "RGB")."""
     if image.mode not in ("L", "RGB"):
-        raise ValueError(f"pil_to_tensor expects an 'L' or 'RGB' image, got mode {image.mode!r}; convert it first")
+        raise InputError(f"pil_to_tensor expects an 'L' or 'RGB' image, got mode {image.mode!r}; convert it first")
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
     if pixels.ndim == 2:
         pixels = rearrange(pixels, "h w -> 1 h w")
@@ -98,7 +99,7 @@ def tensor_to_uint8(images: Tensor) -> np.ndarray:
 def tensor_to_pil(image: Tensor) -> Image.Image:
     """A (C, H, W) tensor in [-1, 1] with C = 1 or 3 -> PIL image ("L" or "RGB")."""
     if image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"tensor_to_pil expects one (C, H, W) image with C = 1 or 3, got shape {tuple(image.shape)}")
+        raise InputError(f"tensor_to_pil expects one (C, H, W) image with C = 1 or 3, got shape {tuple(image.shape)}")
     pixels = tensor_to_uint8(image)
     return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
 
@@ -109,13 +110,13 @@ def grid_array(images: Tensor, nrow: int | None = None, *, padding: int = 2) -> 
     ``nrow`` images per row (default: ceil(sqrt(B))); ``padding`` black pixels between and around them.
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
-        raise ValueError(
+        raise InputError(
             f"expected a non-empty (B, C, H, W) batch of images with C = 1 or 3, got shape {tuple(images.shape)}"
         )
     count = images.shape[0]
     columns = math.ceil(math.sqrt(count)) if nrow is None else nrow
     if columns < 1:
-        raise ValueError(f"nrow must be >= 1, got {nrow}")
+        raise InputError(f"nrow must be >= 1, got {nrow}")
     rows = math.ceil(count / columns)
     pixels = tensor_to_uint8(images)  # (B, H, W, C)
     blanks = np.zeros((rows * columns - count, *pixels.shape[1:]), dtype=np.uint8)
@@ -161,9 +162,13 @@ class ImageFolder(Dataset):
         resolution: int | tuple[int, int],
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         classes_from_folders: bool = True,
+        channels: int = 3,
     ) -> None:
+        if channels not in (1, 3):
+            raise DatasetError(f"an image folder reads 1 (grey) or 3 (RGB) channels, not {channels}")
         self.root = Path(root)
         self.resolution = as_height_width(resolution)
+        self.mode = "L" if channels == 1 else "RGB"
         if not self.root.is_dir():
             raise DatasetError(f"image folder {self.root} does not exist or is not a directory")
         self.files = list_images(self.root, extensions)
@@ -196,12 +201,12 @@ class ImageFolder(Dataset):
         return -1 if self.labels is None else self.labels[index]
 
     def load(self, index: int) -> Tensor:
-        """The image at ``index`` as (3, H, W) in [-1, 1]; raises :class:`UnreadableImageError`."""
+        """The image at ``index`` as (C, H, W) in [-1, 1]; raises :class:`UnreadableImageError`."""
         path = self.root / self.files[index]
         try:
             with Image.open(path) as opened:
                 # Camera JPEGs store their rotation in EXIF; apply it so "up" is the same for every image.
-                image = ImageOps.exif_transpose(opened).convert("RGB")
+                image = ImageOps.exif_transpose(opened).convert(self.mode)
         except Exception as error:  # PIL signals bad files with OSError, SyntaxError, EOFError, zlib.error, ...
             raise UnreadableImageError(f"{path}: {type(error).__name__}: {error}") from error
         return pil_to_tensor(resize_and_center_crop(image, self.resolution))

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from sundae.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_path, read_json, write_json_atomic
 from sundae.data.images import DatasetError, ImageFolder, UnreadableImageError, as_height_width
+from sundae.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ IDENTITY_KEYS = (
 class TokenizerConfig(Protocol):
     downsample_factor: int
     codebook_size: int
+    in_channels: int
 
 
 class Tokenizer(Protocol):
@@ -76,7 +78,7 @@ class Tokenizer(Protocol):
     config: TokenizerConfig
 
     def encode(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, H/f, W/f) int64 codebook indices."""
+        """(B, in_channels, H, W) in [-1, 1] -> (B, H/f, W/f) int64 codebook indices."""
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -122,7 +124,7 @@ def split_code(relative_path: str, *, seed: int, validation_fraction: float) -> 
 def split_rows(row_splits: np.ndarray, split: str) -> np.ndarray:
     """Row indices of ``split`` ("train", "validation" or "all") given per-row split codes."""
     if split not in SPLIT_NAMES:
-        raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+        raise InputError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
     return np.arange(len(row_splits)) if split == "all" else np.flatnonzero(row_splits == SPLIT_CODES[split])
 
 
@@ -351,11 +353,12 @@ def encode_folder(
     eval mode. Returns ``out_dir``; calling again on a finished directory returns it unchanged.
     """
     if batch_size < 1 or num_workers < 1:
-        raise ValueError(f"batch_size and num_workers must be >= 1, got {batch_size} and {num_workers}")
+        raise InputError(f"batch_size and num_workers must be >= 1, got {batch_size} and {num_workers}")
     if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        raise InputError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     out_dir = Path(out_dir)
-    images = ImageFolder(folder, resolution=as_height_width(resolution), classes_from_folders=classes_from_folders)
+    images = ImageFolder(folder, resolution=as_height_width(resolution), classes_from_folders=classes_from_folders,
+                         channels=tokenizer.config.in_channels)
     manifest = _resume_or_start(
         out_dir,
         _new_manifest(tokenizer, images, tokenizer_id, validation_fraction=validation_fraction, split_seed=split_seed),
@@ -434,7 +437,7 @@ class TokenDataset(Dataset):
         """Items at ``indices`` (positions within this split) -> (tokens (B, h, w), labels (B,)), both int64."""
         positions = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64)
         if positions.ndim != 1:
-            raise ValueError(f"batch expects a 1-D list of indices, got shape {positions.shape}")
+            raise InputError(f"batch expects a 1-D list of indices, got shape {positions.shape}")
         if positions.size and (positions.min() < -len(self) or positions.max() >= len(self)):
             raise IndexError(f"indices must lie in [-{len(self)}, {len(self)}) for the {self.split!r} split")
         rows = self.rows[positions]

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from sundae.checkpoint import PretrainedMixin
 from sundae.config import Depth, HourglassConfig, depth_layers, depth_levels
 from sundae.denoiser.rotary import Rotation, apply_rotary
+from sundae.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,9 @@ class Blocks:
 
     def __post_init__(self) -> None:
         if self.resample == "2d" and len(self.fine.shape) != 2:
-            raise ValueError(f"2d resampling needs a 2D grid, got a layout of shape {self.fine.shape}")
+            raise InputError(f"2d resampling needs a 2D grid, got a layout of shape {self.fine.shape}")
         if self.resample == "1d" and len(self.fine.shape) == 2 and self.fine.stride != 1:
-            raise ValueError("1d resampling flattens only the full-resolution grid (stride 1) into raster order")
+            raise InputError("1d resampling flattens only the full-resolution grid (stride 1) into raster order")
 
     @property
     def side(self) -> int:
@@ -419,7 +420,7 @@ class Hourglass(nn.Module, PretrainedMixin):
         if self.class_embedding is not None:
             x = x + self.class_embedding(self._class_indices(class_labels, batch, tokens.device))[:, None]
         elif class_labels is not None:
-            raise ValueError(
+            raise InputError(
                 "class_labels were given to an unconditional model (config.num_classes is None); "
                 "pass class_labels=None or build the model with num_classes set"
             )
@@ -430,11 +431,11 @@ class Hourglass(nn.Module, PretrainedMixin):
     def _check_tokens(self, tokens: Tensor) -> None:
         integer = not (tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool)
         if tokens.dim() != 3 or not integer:
-            raise ValueError(
+            raise InputError(
                 f"tokens must be an integer tensor of shape (B, h, w), got {tuple(tokens.shape)} {tokens.dtype}"
             )
         if values_are_checkable(tokens) and tokens.numel() and not self._tokens_in_range(tokens):
-            raise ValueError(
+            raise InputError(
                 f"tokens must lie in [0, {self.config.codebook_size}) (the codebook size), "
                 f"got values in [{int(tokens.min())}, {int(tokens.max())}]"
             )
@@ -447,12 +448,12 @@ class Hourglass(nn.Module, PretrainedMixin):
         if class_labels is None:
             return torch.full((batch,), null_class, dtype=torch.long, device=device)
         if class_labels.shape != (batch,) or class_labels.dtype.is_floating_point:
-            raise ValueError(
+            raise InputError(
                 f"class_labels must be an integer tensor of shape ({batch},), got {tuple(class_labels.shape)} "
                 f"{class_labels.dtype}"
             )
         if values_are_checkable(class_labels) and (class_labels.min() < 0 or class_labels.max() > null_class):
-            raise ValueError(
+            raise InputError(
                 f"class_labels must lie in [0, {self.config.num_classes}] ({self.config.num_classes} classes, "
                 f"{null_class} = null class), got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
             )

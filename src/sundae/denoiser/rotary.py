@@ -20,6 +20,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from sundae.errors import InputError
+
 
 def rotary_angles(positions: Tensor, head_dim: int, *, base: float = 10_000.0) -> Tensor:
     """Rotation angle of every (position, pair): ``(..., N, axes)`` -> ``(..., N, head_dim // 2)``.
@@ -30,7 +32,7 @@ def rotary_angles(positions: Tensor, head_dim: int, *, base: float = 10_000.0) -
     """
     axes = positions.shape[-1]
     if head_dim % (2 * axes):
-        raise ValueError(
+        raise InputError(
             f"head_dim {head_dim} cannot be split into rotation pairs for {axes} position axes; "
             f"use a head_dim divisible by {2 * axes}"
         )
@@ -75,7 +77,7 @@ def apply_rotary(x: Tensor, rotation: Rotation) -> Tensor:
     float32 and returns ``x.dtype``.
     """
     if rotation.cos.shape[-1] != x.shape[-1]:
-        raise ValueError(
+        raise InputError(
             f"the rotation covers {rotation.cos.shape[-1]} features but x has {x.shape[-1]}; build it with "
             f"Rotation.from_angles(rotary_angles(positions, head_dim={x.shape[-1]}))"
         )

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 import sundae
 from sundae.checkpoint import WEIGHTS_NAME, atomic_path
 from sundae.data.images import IMAGE_EXTENSIONS, DatasetError, list_images, pil_to_tensor
-from sundae.data.latents import TokenDataset, sha256_file
+from sundae.data.latents import SPLIT_CODES, TokenDataset, sha256_file
+from sundae.errors import InputError
 from sundae.eval import metrics
 from sundae.eval.features import (FeatureExtractor, FeatureExtractorError, ImageSource, ReferenceFeatures,
                                   image_batches, reference_statistics)
@@ -55,7 +56,9 @@ class StoredImages:
     read lazily in batches of (B, C, H, W) floats in [-1, 1]; iterate as often as needed.
 
     Folder images keep their mode: all-grey folders give C = 1, anything else RGB. All images
-    must have one size (generated samples do); nothing is resized.
+    must have one size (generated samples do); nothing is resized. An .npz with a ``split`` array
+    (``scripts/prepare_mnist.py``'s) is read as its validation split only: the held-out images
+    are the reference, not train + validation.
     """
 
     def __init__(self, path: PathLike, *, batch_size: int = 64) -> None:
@@ -72,6 +75,11 @@ class StoredImages:
                 if "images" not in archive:
                     raise DatasetError(f"{self.path} has no 'images' array (found {', '.join(archive.files)})")
                 self.array = archive["images"]
+                if "split" in archive:
+                    held_out = archive["split"] == SPLIT_CODES["validation"]
+                    log.info("%s: using its validation split, %d of %d images", self.path, held_out.sum(),
+                             len(self.array))
+                    self.array = self.array[held_out]
             if self.array.dtype != np.uint8 or self.array.ndim not in (3, 4):
                 raise DatasetError(f"{self.path}: 'images' must be uint8 (N, H, W) or (N, H, W, C), got "
                                    f"{self.array.dtype} {self.array.shape}")
@@ -146,7 +154,10 @@ def compute_metrics(reference: ReferenceFeatures, fake: np.ndarray, *, nearest_k
 def _base_report(reference: ReferenceFeatures, fake: np.ndarray, *, extractor: FeatureExtractor, model: str,
                  nearest_k: int, seed: int, fid_infinity: bool | None) -> dict[str, Any]:
     started = time.perf_counter()
+    log.info("metrics: FID, FID-infinity, precision/recall, density/coverage of %d samples against %d real images ...",
+             len(fake), reference.count)
     scores, notes = compute_metrics(reference, fake, nearest_k=nearest_k, seed=seed, fid_infinity=fid_infinity)
+    log.info("metrics done in %.1f s", time.perf_counter() - started)
     return {
         "format": REPORT_FORMAT, "format_version": REPORT_FORMAT_VERSION, "model": model,
         "extractor": extractor.name, "real_dataset_sha256": reference.dataset_sha256,
@@ -204,8 +215,11 @@ def generate_features(pipeline: SundaePipeline, extractor: FeatureExtractor, *, 
                       options: SamplingOptions, seed: int, labels: Tensor | None, batch_size: int,
                       progress: bool) -> tuple[np.ndarray, dict[str, float]]:
     """Sample ``num_samples`` images (sample i with seed + i) and extract their features batch by batch,
-    so no more than one batch of images is ever held. Returns (features, timings and step statistics)."""
-    chunks, steps = [], []
+    so no more than one batch of images is ever held. Returns (features, timings and step statistics;
+    with a class-conditional model and an extractor that can ``classify``, the ``class_accuracy``:
+    the share of samples the classifier puts in the requested class)."""
+    chunks, steps, hits = [], [], []
+    classify = getattr(extractor, "classify", None) if labels is not None else None
     sampling_seconds = features_seconds = 0.0
     with tqdm(total=num_samples, disable=not progress, unit="img", desc="evaluate") as bar:
         for start in range(0, num_samples, batch_size):
@@ -217,13 +231,24 @@ def generate_features(pipeline: SundaePipeline, extractor: FeatureExtractor, *, 
             sampling_seconds += time.perf_counter() - started
             started = time.perf_counter()
             chunks.append(extractor(output.images))
+            if classify is not None:
+                hits.append(classify(output.images) == labels[start:start + count])
             features_seconds += time.perf_counter() - started
             steps.append(output.steps_taken)
             bar.update(count)
     statistics = {"sampling_seconds": sampling_seconds, "features_seconds": features_seconds,
                   "images_per_second": num_samples / sampling_seconds if sampling_seconds > 0 else None,
                   "mean_steps_taken": float(torch.cat(steps).float().mean())}
+    if hits:
+        statistics["class_accuracy"] = float(torch.cat(hits).float().mean())
     return np.concatenate(chunks), statistics
+
+
+def check_extractor_fits(extractor: FeatureExtractor, pipeline: SundaePipeline) -> None:
+    """A dataset's own classifier only scores models of that dataset (see :class:`ClassifierFeatures`)."""
+    check_domain = getattr(extractor, "check_domain", None)
+    if check_domain is not None:
+        check_domain(pipeline.class_names, (pipeline.channels, *pipeline.image_size))
 
 
 def evaluate(pipeline: SundaePipeline, *, real_images: ImageSource | ReferenceFeatures | PathLike,
@@ -255,9 +280,10 @@ def evaluate(pipeline: SundaePipeline, *, real_images: ImageSource | ReferenceFe
         second), ``mean_steps_taken``, ``notes`` and ``environment``.
     """
     if num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
+        raise InputError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
+    check_extractor_fits(extractor, pipeline)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     options = sampling_options_from(sampling_options)
     reference = as_reference(real_images, extractor, batch_size=batch_size, cache_dir=cache_dir)
     labels = class_labels_for(pipeline, num_samples, seed=seed, class_balanced=class_balanced)
@@ -270,6 +296,8 @@ def evaluate(pipeline: SundaePipeline, *, real_images: ImageSource | ReferenceFe
         "class_labels": None if labels is None else ("balanced" if class_balanced else "uniform"),
         "sampling_options": options.to_dict(), "mean_steps_taken": statistics.pop("mean_steps_taken"),
     })
+    if "class_accuracy" in statistics:
+        report["metrics"]["class_accuracy"] = statistics.pop("class_accuracy")
     report["timings"].update(statistics)
     report["environment"]["device"] = str(pipeline.device)
     return report
@@ -322,7 +350,7 @@ def sweep_field(parameter: str) -> str:
     field = SWEEP_FIELDS.get(parameter, parameter)
     known = {option.name for option in fields(SamplingOptions)}
     if field not in known:
-        raise ValueError(f"cannot sweep {parameter!r}: use one of {', '.join(SWEEP_FIELDS)} or a sampling option "
+        raise InputError(f"cannot sweep {parameter!r}: use one of {', '.join(SWEEP_FIELDS)} or a sampling option "
                          f"({', '.join(sorted(known))})")
     return field
 
@@ -339,7 +367,8 @@ def sweep(pipeline: SundaePipeline, real_images: ImageSource | ReferenceFeatures
     """
     field = sweep_field(parameter)
     if not values:
-        raise ValueError("give at least one value to sweep")
+        raise InputError("give at least one value to sweep")
+    check_extractor_fits(extractor, pipeline)
     reference = as_reference(real_images, extractor, batch_size=batch_size, cache_dir=cache_dir)
     results = []
     for value in values:

@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,8 +37,10 @@ from torch import Tensor
 from sundae.checkpoint import WEIGHTS_NAME, atomic_path
 from sundae.data.images import tensor_to_uint8
 from sundae.data.latents import sha256_file
+from sundae.errors import InputError
 from sundae.eval.classifier import SmallClassifier
 from sundae.eval.metrics import gaussian_statistics
+from sundae.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ INCEPTION_DIMENSION = 2048
 RANGE_TOLERANCE = 1e-3  # decoders may overshoot [-1, 1] by round-off
 
 
-class FeatureExtractorError(ValueError):
+class FeatureExtractorError(InputError):
     """A feature network cannot be found or loaded, or cannot take the given images."""
 
 
@@ -60,10 +63,6 @@ class FeatureExtractor(Protocol):
 
     def __call__(self, images: Tensor) -> np.ndarray:
         """images (B, C, H, W) in [-1, 1] -> features (B, D) float64."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_images(images: Tensor) -> Tensor:
@@ -102,7 +101,7 @@ class BatchedExtractor:
         if batch_size < 1:
             raise FeatureExtractorError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
 
     def features(self, images: Tensor) -> Tensor:
         raise NotImplementedError
@@ -123,8 +122,9 @@ class BatchedExtractor:
 class ClassifierFeatures(BatchedExtractor):
     """Penultimate-layer features of a :class:`SmallClassifier` saved with ``save_pretrained``.
 
-    RGB images are averaged to grey for a grey classifier (and grey repeated for an RGB one);
-    square images of another size are resized (bilinear, antialiased) to the classifier's size.
+    A classifier only measures images of its own domain: images of another channel count or
+    size are refused (not averaged to grey or resized), and :func:`check_domain` refuses a
+    model whose classes are not the classifier's. Other data needs the Inception features.
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 256,
@@ -132,29 +132,46 @@ class ClassifierFeatures(BatchedExtractor):
         super().__init__(batch_size=batch_size, device=device)
         model_dir = Path(model_dir)
         self.model = SmallClassifier.from_pretrained(model_dir, map_location=self.device).eval()
+        self.class_names: list[str] | None = SmallClassifier.read_config(model_dir).get("class_names")
         self.name = f"classifier:{sha256_file(model_dir / WEIGHTS_NAME)[:12]}"
 
-    def _prepare(self, images: Tensor) -> Tensor:
+    def _domain(self) -> str:
         config = self.model.config
-        channels, height, width = images.shape[1:]
-        if channels != config.in_channels:
-            if channels == 3 and config.in_channels == 1:
-                images = images.mean(dim=1, keepdim=True)
-            elif channels == 1 and config.in_channels == 3:
-                images = images.expand(-1, 3, -1, -1)
-            else:
-                raise FeatureExtractorError(f"the classifier takes {config.in_channels}-channel images, "
-                                            f"got {channels} channels")
-        if height != width:
-            raise FeatureExtractorError(f"the classifier takes square {config.image_size}x{config.image_size} images, "
-                                        f"got {width}x{height}; crop them to a square first")
-        if height != config.image_size:
-            images = F.interpolate(images, size=(config.image_size, config.image_size), mode="bilinear",
-                                   align_corners=False, antialias=True)
+        classes = f" of {', '.join(self.class_names[:4])}, ..." if self.class_names else ""
+        return f"{'grey' if config.in_channels == 1 else 'RGB'} {config.image_size}x{config.image_size} images{classes}"
+
+    def check_domain(self, class_names: list[str] | None, image_shape: tuple[int, int, int] | None = None) -> None:
+        """Refuse, before any work, a model whose classes or images (C, H, W) are not the classifier's."""
+        if image_shape is not None:
+            self._check_shape(image_shape)
+        if class_names and self.class_names and list(class_names) != list(self.class_names):
+            raise FeatureExtractorError(
+                f"the classifier extractor was trained on {self._domain()}, but the model's classes are "
+                f"{', '.join(class_names[:4])}, ...: use --extractor inception, or train a classifier on your data "
+                "(scripts/train_classifier.py) and pass it with --extractor-path")
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        self._check_shape(tuple(images.shape[1:]))
         return images
+
+    def _check_shape(self, image_shape: tuple[int, ...]) -> None:
+        config = self.model.config
+        channels, height, width = image_shape
+        if (channels, height, width) != (config.in_channels, config.image_size, config.image_size):
+            raise FeatureExtractorError(
+                f"the classifier extractor takes {self._domain()}; these are {channels}-channel {width}x{height} "
+                "images: use --extractor inception, or a classifier trained on your data (--extractor-path)")
 
     def features(self, images: Tensor) -> Tensor:
         return self.model.features(self._prepare(images))
+
+    @torch.no_grad()
+    def classify(self, images: Tensor) -> Tensor:
+        """The classifier's predicted class of each image (B,), for the class accuracy of samples."""
+        check_images(images)
+        predictions = [self.model(self._prepare(chunk.to(self.device))).argmax(dim=1).cpu()
+                       for chunk in images.split(self.batch_size)]
+        return torch.cat(predictions)
 
 
 def tf_bilinear_resize(images: Tensor, size: int) -> Tensor:
@@ -346,7 +363,15 @@ def reference_statistics(extractor: FeatureExtractor, images: ImageSource, cache
         if cached is not None:
             log.info("reference features loaded from %s", path)
             return cached
-    chunks = [extractor(batch) for batch in image_batches(images, batch_size)]
+    from tqdm.auto import tqdm
+
+    countable = hasattr(images, "__len__") and not isinstance(images, (list, tuple))  # a list holds batches
+    total = len(images) if countable else None
+    with tqdm(total=total, unit="img", desc="real features", file=sys.stderr, disable=total is None) as bar:
+        chunks = []
+        for batch in image_batches(images, batch_size):
+            chunks.append(extractor(batch))
+            bar.update(len(batch))
     if not chunks:
         raise FeatureExtractorError("the reference image set is empty")
     features = np.concatenate(chunks).astype(np.float32).astype(np.float64)

@@ -25,6 +25,8 @@ import warnings
 import numpy as np
 import scipy.linalg
 
+from sundae.errors import InputError
+
 SQRTM_EPSILON = 1e-6  # diagonal offset that makes a singular covariance product invertible
 MAX_IMAGINARY = 1e-3  # a larger imaginary part of sqrt(S1 S2) means the statistics are broken
 DISTANCE_CHUNK_ELEMENTS = 1 << 25  # 256 MiB of float64 distances per chunk
@@ -32,7 +34,7 @@ FID_INFINITY_POINTS = 15  # Chong & Forsyth's default
 FID_INFINITY_SMALLEST_COUNT = 5000  # their smallest subset size, used when N allows
 
 
-class FeatureError(ValueError):
+class FeatureError(InputError):
     """Feature arrays that cannot be compared: wrong shape, different dimensions, NaN, too few rows."""
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from sundae.checkpoint import PretrainedMixin
 from sundae.config import ConfigBase, ConfigError
+from sundae.errors import InputError
 
 KERNEL_SIZE = 4
 MAX_WIDTH_MULTIPLIER = 8
@@ -100,12 +101,12 @@ class PatchDiscriminator(PretrainedMixin, nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, 1, H // 2**layers - 2, W // 2**layers - 2) logits."""
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(
+            raise InputError(
                 f"discriminator expects images of shape (B, {self.config.in_channels}, H, W), "
                 f"got {tuple(images.shape)}"
             )
         if min(images.shape[-2:]) < self.config.minimum_size:
-            raise ValueError(
+            raise InputError(
                 f"images of size {tuple(images.shape[-2:])} are too small for a {self.config.layers}-layer "
                 f"discriminator: each side must be >= {self.config.minimum_size}; use fewer layers or larger images"
             )

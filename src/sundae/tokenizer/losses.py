@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sundae.config import ConfigBase, ConfigError
+from sundae.errors import InputError
 from sundae.tokenizer.perceptual import PERCEPTUAL_SOURCES, PerceptualLoss
 
 Metrics = dict[str, torch.Tensor]
@@ -52,13 +53,13 @@ DISCRIMINATOR_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Ten
 
 def _last_layer_gradient(loss: torch.Tensor, last_layer: torch.Tensor, *, name: str) -> torch.Tensor:
     if not loss.requires_grad:
-        raise ValueError(
+        raise InputError(
             f"{name} carries no gradient (computed under torch.no_grad or from detached tensors); "
             f"the adaptive weight needs the graph back to the decoder's last layer"
         )
     (gradient,) = torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)
     if gradient is None:
-        raise ValueError(
+        raise InputError(
             f"{name} does not depend on last_layer: pass the weight of the decoder's final convolution, "
             f"the one that produced the reconstructions fed to the loss and the discriminator"
         )
@@ -81,7 +82,7 @@ def adaptive_weight(
     it. The graphs are retained so the caller can still back-propagate the total loss.
     """
     if not last_layer.requires_grad:
-        raise ValueError("last_layer does not require grad: pass the decoder's final convolution weight being trained")
+        raise InputError("last_layer does not require grad: pass the decoder's final convolution weight being trained")
     reconstruction_gradient = _last_layer_gradient(reconstruction_loss, last_layer, name="reconstruction_loss")
     generator_gradient = _last_layer_gradient(generator_loss, last_layer, name="generator_loss")
     ratio = reconstruction_gradient.norm() / (generator_gradient.norm() + eps)
@@ -156,7 +157,7 @@ def build_perceptual_loss(config: TokenizerLossConfig) -> PerceptualLoss:
 
 def _check_image_pair(images: torch.Tensor, reconstructions: torch.Tensor) -> None:
     if images.shape != reconstructions.shape:
-        raise ValueError(
+        raise InputError(
             f"images and reconstructions must have the same shape, got {tuple(images.shape)} "
             f"and {tuple(reconstructions.shape)}"
         )

@@ -49,6 +49,7 @@ from einops import reduce
 from torch import nn
 
 from sundae.checkpoint import CheckpointError, load_state_dict_strict
+from sundae.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -265,12 +266,12 @@ class PerceptualLoss(nn.Module):
     def __init__(self, *, source: str, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         if source not in ("lpips-vgg", "stlpips-vgg", "none"):
-            raise ValueError(
+            raise InputError(
                 f"source must be 'lpips-vgg', 'stlpips-vgg' or 'none', got {source!r} (use from_source for 'auto')"
             )
         if (source == "none") != (state_dict is None):
             requirement = "takes no" if source == "none" else "needs a"
-            raise ValueError(f"source {source!r} {requirement} state_dict; build it with PerceptualLoss.from_source")
+            raise InputError(f"source {source!r} {requirement} state_dict; build it with PerceptualLoss.from_source")
         self.source = source
         self.features: VGG16Features | None = None
         self.heads: nn.ModuleList | None = None
@@ -303,17 +304,23 @@ class PerceptualLoss(nn.Module):
         ``stlpips_path`` overrides the file found inside an installed ``stlpips-pytorch``.
         """
         if source not in PERCEPTUAL_SOURCES:
-            raise ValueError(f"perceptual source must be one of {PERCEPTUAL_SOURCES}, got {source!r}")
+            raise InputError(f"perceptual source must be one of {PERCEPTUAL_SOURCES}, got {source!r}")
         if (vgg_path is None) != (lin_path is None):
-            raise ValueError(
+            raise InputError(
                 "the 'lpips-vgg' perceptual loss needs both vgg_path (torchvision's vgg16-397923af.pth) "
                 "and lin_path (LPIPS v0.1 vgg.pth); only one was given"
             )
         if source == "auto":
             source = cls._available_source(has_lpips_files=vgg_path is not None, stlpips_path=stlpips_path)
+            if source == "none":  # Eq. 7 has a perceptual term: never drop it without being asked
+                raise InputError(
+                    "no perceptual weights found for --perceptual auto: `pip install --no-deps stlpips-pytorch` "
+                    "(shift-tolerant LPIPS), or give --perceptual-vgg vgg16-397923af.pth and --perceptual-lin "
+                    "vgg.pth (LPIPS), or pass --perceptual none to train without the perceptual term"
+                )
         if source == "lpips-vgg":
             if vgg_path is None or lin_path is None:
-                raise ValueError(
+                raise InputError(
                     "the 'lpips-vgg' perceptual loss needs vgg_path (torchvision's vgg16-397923af.pth) "
                     "and lin_path (LPIPS v0.1 vgg.pth)"
                 )
@@ -322,16 +329,15 @@ class PerceptualLoss(nn.Module):
         if source == "stlpips-vgg":
             path = stlpips_path if stlpips_path is not None else find_stlpips_weights()
             if path is None:
-                raise ValueError(
+                raise InputError(
                     "the 'stlpips-vgg' perceptual loss needs the weights of the PyPI package stlpips-pytorch: "
                     "`pip install --no-deps stlpips-pytorch`, or pass stlpips_path"
                 )
             logger.info("perceptual loss: shift-tolerant LPIPS on anti-aliased VGG16 (%s)", path)
             return cls(source=source, state_dict=stlpips_vgg_state_dict(path))
         logger.warning(
-            "perceptual loss DISABLED (source 'none'): no perceptual weights available, the distance is 0 and "
-            "the tokenizer trains on L1 + adversarial + VQ terms only. Install stlpips-pytorch or give the "
-            "LPIPS files (vgg16-397923af.pth, vgg.pth) to enable it."
+            "perceptual loss off (--perceptual none): the tokenizer trains on L1 + adversarial + VQ terms only, "
+            "not the full Eq. 7"
         )
         return cls(source="none")
 
@@ -344,16 +350,19 @@ class PerceptualLoss(nn.Module):
         return "none"
 
     def forward(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-        """Two (B, 3, H, W) batches in [-1, 1] -> (B,) distances, 0 for identical pairs."""
-        if images.shape != reconstructions.shape or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"perceptual loss expects two RGB batches of equal shape (B, 3, H, W), "
+        """Two (B, 3, H, W) batches in [-1, 1] -> (B,) distances, 0 for identical pairs.
+
+        Grey batches (B, 1, H, W) are compared as RGB images with three equal channels."""
+        if images.shape != reconstructions.shape or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise InputError(
+                f"perceptual loss expects two grey or RGB batches of equal shape (B, 1 or 3, H, W), "
                 f"got {tuple(images.shape)} and {tuple(reconstructions.shape)}"
             )
+        images, reconstructions = images.expand(-1, 3, -1, -1), reconstructions.expand(-1, 3, -1, -1)
         if self.features is None or self.heads is None:
             return images.new_zeros(images.shape[0])
         if min(images.shape[-2:]) < self.features.minimum_size:
-            raise ValueError(
+            raise InputError(
                 f"images of size {tuple(images.shape[-2:])} are too small for the {self.source} perceptual "
                 f"network: each side must be >= {self.features.minimum_size}"
             )

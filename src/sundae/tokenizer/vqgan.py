@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from sundae.checkpoint import PretrainedMixin
 from sundae.config import ConfigError, VQGANConfig
+from sundae.errors import InputError
 
 GROUP_NORM_GROUPS = 32
 
@@ -434,16 +435,16 @@ class VQGAN(nn.Module, PretrainedMixin):
 
     def check_images(self, images: Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(
+            raise InputError(
                 f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
             )
         self.config.latent_shape(images.shape[2], images.shape[3])
 
     def check_indices(self, indices: Tensor) -> None:
         if indices.ndim != 3 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ValueError(f"expected integer indices of shape (B, h, w), got {indices.dtype} {tuple(indices.shape)}")
+            raise InputError(f"expected integer indices of shape (B, h, w), got {indices.dtype} {tuple(indices.shape)}")
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.config.codebook_size):
-            raise ValueError(
+            raise InputError(
                 f"indices must lie in [0, {self.config.codebook_size}), got range "
                 f"[{int(indices.min())}, {int(indices.max())}]; were they made with a different codebook?"
             )
@@ -472,7 +473,7 @@ def decode_in_tiles(tokenizer: nn.Module, tokens: Tensor, *, tiles: int | None, 
         return tokenizer.decode(tokens)
     height, width = tokens.shape[1:]
     if not 1 <= tiles <= min(height, width):
-        raise ValueError(f"decode tiles must be between 1 and {min(height, width)} for a {height}x{width} "
+        raise InputError(f"decode tiles must be between 1 and {min(height, width)} for a {height}x{width} "
                          f"token grid, got {tiles}")
     factor = tokenizer.config.downsample_factor
     rows = [round(height * i / tiles) for i in range(tiles + 1)]

@@ -14,17 +14,20 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
 
-from sundae.checkpoint import CheckpointError, load_training_state, save_training_state
+from sundae.checkpoint import CheckpointError, atomic_path, load_training_state, read_json, save_training_state
+from sundae.errors import InputError
 
 log = logging.getLogger(__name__)
 
 TRAINING_STATE_FILE = "training_state.pt"
+R = TypeVar("R")
 
 
 def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
@@ -52,7 +55,7 @@ def batch_indices(step: int, *, dataset_size: int, batch_size: int, seed: int, r
     the global batch of ``batch_size * world_size`` is split between ranks.
     """
     if dataset_size < 1:
-        raise ValueError("the training set is empty")
+        raise InputError("the training set is empty")
     global_batch = batch_size * world_size
     start = step * global_batch + rank * batch_size
     indices = []
@@ -96,7 +99,7 @@ def learning_rate(step: int, *, base: float, warmup_steps: int, total_steps: int
     elif schedule == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use constant, linear or cosine")
+        raise InputError(f"unknown learning-rate schedule {schedule!r}; use constant, linear or cosine")
     return base * (final_ratio + (1.0 - final_ratio) * factor)
 
 
@@ -106,42 +109,90 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
 
 
 class ExponentialMovingAverage:
-    """EMA of a model's parameters and buffers, kept in fp32 on the model's device."""
+    """EMA of a model's parameters and buffers, kept in fp32 on the model's device.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (Tarvainen &
+    Valpola 2017; TensorFlow's ``num_updates``): early on the average follows the fast-moving
+    weights instead of remembering the random initialisation for ~1/(1 - decay) steps, which at
+    decay 0.999 would be most of a short CPU run.
+    """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise InputError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
+        self.updates = 0
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        weight = 1.0 - self.current_decay()
         for name, value in model.state_dict().items():
             if value.dtype.is_floating_point:
-                self.shadow[name].lerp_(value.float(), 1.0 - self.decay)
+                self.shadow[name].lerp_(value.float(), weight)
             else:
                 self.shadow[name].copy_(value)
+        self.updates += 1
 
     def copy_to(self, model: nn.Module) -> None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "shadow": self.shadow}
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay = state["decay"]
+        self.updates = int(state["updates"])
         self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
 
 
-class MetricsLogger:
-    """Rank-0 metrics sink: a stdout line, ``metrics.jsonl``, and TensorBoard when installed."""
+class Throughput:
+    """How well a training loop uses the machine: the FLOPs of one optimizer step (counted on the
+    process's first step, which runs for real inside the counter) against the dense matmul rate
+    measured on this device and dtype at start-up, at the shape of the model's largest matmuls."""
 
-    def __init__(self, directory: Path, *, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, *, rows: int, dim: int, enabled: bool) -> None:
+        from sundae.bench import measure_matmul_rate
+
+        self.enabled = enabled
+        self.flops_per_step: int | None = None
+        self.matmul_rate = measure_matmul_rate(min(rows, 8192), dim, dtype=dtype, device=device, repeats=3) \
+            if enabled else None
+
+    def run_step(self, step: Callable[[], None]) -> None:
+        if self.enabled and self.flops_per_step is None:
+            from sundae.bench import count_flops
+
+            self.flops_per_step = count_flops(step)
+        else:
+            step()
+
+    def fraction_of_matmul_rate(self, steps_per_second: float) -> dict[str, torch.Tensor]:
+        """``flops_per_second`` and ``matmul_fraction`` for the metrics (empty on other ranks)."""
+        if not self.enabled or not self.flops_per_step or not self.matmul_rate:
+            return {}
+        rate = self.flops_per_step * steps_per_second
+        return {"flops_per_second": torch.tensor(rate), "matmul_fraction": torch.tensor(rate / self.matmul_rate)}
+
+
+class MetricsLogger:
+    """Rank-0 metrics sink: a stdout line, ``metrics.jsonl``, and TensorBoard when installed.
+
+    ``resume_step``: rows after it were written by the interrupted run past its last checkpoint;
+    they are dropped, since the resumed run logs those steps again.
+    """
+
+    def __init__(self, directory: Path, *, enabled: bool, resume_step: int = 0, tensorboard: bool = True) -> None:
         self.enabled = enabled
         self.path = directory / "metrics.jsonl"
         self.writer = None
         if enabled:
             directory.mkdir(parents=True, exist_ok=True)
+            self._drop_rows_after(resume_step)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -149,6 +200,15 @@ class MetricsLogger:
                     log.info("tensorboard not installed: metrics go to stdout and %s only", self.path)
                 else:
                     self.writer = SummaryWriter(str(directory / "tensorboard"))
+
+    def _drop_rows_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float | torch.Tensor], *, prefix: str = "") -> dict[str, float]:
         if not self.enabled:
@@ -197,6 +257,99 @@ def staging_directory(target: Path) -> Path:
     return staging
 
 
+@dataclass(frozen=True)
+class TrainingResult:
+    """Where a training command left its usable model, and how far it got."""
+
+    export_dir: Path
+    step: int
+    total_steps: int
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def summary(self, what: str) -> str:
+        if self.finished:
+            return f"{what} written to {self.export_dir} (step {self.step} of {self.total_steps})"
+        return (f"stopped at step {self.step} of {self.total_steps} (--stop-after-steps): re-run the same command to "
+                f"resume; {self.export_dir} holds the {what} of step {self.step}")
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``OUT/.lock``): two training processes writing one folder's
+    checkpoints would corrupt each other's resume. The OS drops the lock when the holder dies, so a
+    killed run never blocks its own re-run."""
+
+    def __init__(self, output_dir: Path) -> None:
+        import fcntl
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.handle = open(output_dir / ".lock", "a")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise CheckpointError(f"another training process is writing {output_dir}; wait for it to finish (or stop "
+                                  "it), or train into another --output-dir") from None
+
+    def release(self) -> None:
+        self.handle.close()
+
+
+def run_locked(output_dir: Path, context: Any, body: Callable[[], R]) -> R:
+    """Run ``body`` holding the run folder's :class:`RunLock` (taken by the main rank only)."""
+    lock = RunLock(output_dir) if context.is_main else None
+    try:
+        return body()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def remove_orphan_temporaries(output_dir: Path) -> int:
+    """Delete the temporary files (``.NAME.XXXX.tmp`` of :func:`sundae.checkpoint.atomic_path`) and
+    staging directories that a killed run left in its output folder; returns how many."""
+    if not output_dir.is_dir():
+        return 0
+    orphans = [path for path in output_dir.rglob(".*.tmp") if path.is_file()]
+    orphans += [path for path in output_dir.glob("*.staging") if path.is_dir()]
+    for path in orphans:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if orphans:
+        log.info("removed %d temporary file(s) left by an interrupted run in %s", len(orphans), output_dir)
+    return len(orphans)
+
+
+def check_same_settings(saved: dict[str, Any], current: dict[str, Any], *, ignored: frozenset[str], where: Path,
+                        allowed: bool) -> None:
+    """Refuse to resume with training settings that change the run (schedule, data order, seed, ...).
+
+    ``ignored`` fields do not change the trajectory (logging cadence, paths, devices); any other
+    difference is an error naming the fields, unless ``allowed`` (``--allow-changed-settings``).
+    """
+    current = json.loads(json.dumps(current))  # tuples -> lists, as saved
+    changed = [name for name in sorted(set(saved) | set(current))
+               if name not in ignored and saved.get(name) != current.get(name)]
+    if not changed:
+        return
+    described = ", ".join(f"{name} {saved.get(name)!r} -> {current.get(name)!r}" for name in changed)
+    if allowed:
+        log.warning("resuming %s with changed settings (allowed): %s", where, described)
+        return
+    raise CheckpointError(f"{where} was trained with other settings ({described}): resume with the same options, use "
+                          "a new --output-dir, or pass --allow-changed-settings if the change is meant")
+
+
+def exported_step(directory: Path) -> int | None:
+    """The training step an exported model directory was written at; None when missing or unreadable."""
+    try:
+        step = read_json(directory / "config.json").get("step")
+    except CheckpointError:
+        return None
+    return step if isinstance(step, int) else None
+
+
 def recover_interrupted_checkpoint(target: Path) -> None:
     """If a crash hit between the two renames of :func:`replace_directory_atomically`, restore the old copy."""
     old = target.with_name(target.name + ".old")
@@ -214,10 +367,3 @@ def read_training_state(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{directory} holds no {TRAINING_STATE_FILE}: it is not a resumable checkpoint")
     return load_training_state(path)
-
-
-def autocast_context(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)

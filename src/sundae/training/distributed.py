@@ -16,6 +16,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from sundae.runtime import resolve_device
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -45,9 +47,7 @@ def setup_distributed(device: str | None = None) -> DistributedContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_device = torch.device(device)
+    torch_device = resolve_device(device)
     if torch_device.type == "cuda":
         torch_device = torch.device("cuda", local_rank if torch_device.index is None else torch_device.index)
         torch.cuda.set_device(torch_device)

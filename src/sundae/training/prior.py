@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,11 +32,13 @@ from torch.nn.parallel import DistributedDataParallel
 from sundae.checkpoint import CheckpointError, load_weights, read_json
 from sundae.config import ConfigBase, ConfigError, HourglassConfig
 from sundae.denoiser import Hourglass
+from sundae.runtime import PRECISION_CHOICES, autocast, resolve_training_precision
 from sundae.sundae import sundae_loss
 from sundae.training.common import (
-    ExponentialMovingAverage, MetricsLogger, autocast_context, batch_indices, learning_rate,
-    progress_bar, read_training_state, recover_interrupted_checkpoint, replace_directory_atomically,
-    set_learning_rate, staging_directory, step_generator, write_training_state,
+    ExponentialMovingAverage, MetricsLogger, Throughput, TrainingResult, batch_indices, check_same_settings, exported_step,
+    learning_rate, progress_bar, read_training_state, recover_interrupted_checkpoint, remove_orphan_temporaries, run_locked,
+    replace_directory_atomically, set_learning_rate, staging_directory, step_generator, step_seed,
+    write_training_state,
 )
 from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, run_distributed
 
@@ -71,8 +74,12 @@ class PriorTrainingConfig(ConfigBase):
     stop_after_steps: int | None = None  # end this process early (time-boxed jobs); resume later
     device: str | None = None
     compile: bool = False
+    precision: str = "auto"  # autocast dtype of the step: auto (bf16 where native), float32, bfloat16
+    allow_changed_settings: bool = False  # resume even if settings that change the run differ from the checkpoint's
 
     def validate(self) -> None:
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         for name in ("steps", "batch_size", "gradient_accumulation", "log_every", "eval_every", "sample_every",
                      "checkpoint_every", "eval_batches", "sample_steps"):
             if getattr(self, name) < 1:
@@ -163,7 +170,8 @@ def _batch(dataset, indices: list[int], device: torch.device, use_labels: bool) 
 
 
 @torch.no_grad()
-def validation_loss(model: Hourglass, dataset, config: PriorTrainingConfig, context: DistributedContext) -> dict[str, Tensor]:
+def validation_loss(model: Hourglass, dataset, config: PriorTrainingConfig, context: DistributedContext,
+                    compute_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Mean SUNDAE loss over a fixed, seeded set of validation batches (same batches every time)."""
     model.eval()
     totals: dict[str, Tensor] = {}
@@ -173,13 +181,19 @@ def validation_loss(model: Hourglass, dataset, config: PriorTrainingConfig, cont
                                 rank=context.rank, world_size=context.world_size)
         tokens, labels = _batch(dataset, indices, context.device, use_labels)
         generator = step_generator(config.seed, batch, context.rank, stream=11, device=context.device)
-        with autocast_context(context.device):
+        with autocast(context.device, compute_dtype):
             loss, metrics = sundae_loss(model, tokens, unroll_steps=config.unroll_steps, class_labels=labels,
                                         generator=generator)
         for name, value in {"loss": loss, **metrics}.items():
             totals[name] = totals.get(name, 0.0) + value.float() / config.eval_batches
     model.train()
     return mean_across_ranks(totals, context)
+
+
+# Settings that do not change what a run computes: a resume may change them freely.
+RESUMABLE_CHANGES = frozenset({"data", "output_dir", "log_every", "eval_every", "eval_batches", "sample_every",
+                               "sample_steps", "checkpoint_every", "stop_after_steps", "device", "compile",
+                               "allow_changed_settings"})
 
 
 class PriorCheckpointer:
@@ -195,35 +209,45 @@ class PriorCheckpointer:
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoint"
 
-    def extra(self) -> dict[str, Any]:
-        return {"data": self.identity, "training": self.config.to_dict()}
+    @property
+    def export_dir(self) -> Path:
+        return self.output_dir / "model"
+
+    def extra(self, step: int) -> dict[str, Any]:
+        return {"data": self.identity, "training": self.config.to_dict(), "step": step}
 
     def save(self, step: int, model: Hourglass, optimizer: torch.optim.Optimizer,
              ema: ExponentialMovingAverage | None) -> None:
         staging = staging_directory(self.checkpoint_dir)
-        model.save_pretrained(staging, extra=self.extra())
+        model.save_pretrained(staging, extra=self.extra(step))
         write_training_state(staging, {"step": step, "optimizer": optimizer.state_dict(),
                                        "ema": None if ema is None else ema.state_dict()})
         replace_directory_atomically(staging, self.checkpoint_dir)
-        self.export(model, ema)
+        self.export(step, model, ema)
 
-    def export(self, model: Hourglass, ema: ExponentialMovingAverage | None) -> None:
+    def export(self, step: int, model: Hourglass, ema: ExponentialMovingAverage | None) -> None:
         """The usable prior: EMA weights when kept, with a copy of its tokenizer inside."""
-        target = self.output_dir / "model"
-        staging = staging_directory(target)
+        staging = staging_directory(self.export_dir)
         exported = model
         if ema is not None:
             exported = Hourglass(model.config)
             ema.copy_to(exported)
-        exported.save_pretrained(staging, extra=self.extra())
+        exported.save_pretrained(staging, extra=self.extra(step))
         if self.tokenizer_dir is not None:
             shutil.copytree(self.tokenizer_dir, staging / "tokenizer")
-        replace_directory_atomically(staging, target)
+        replace_directory_atomically(staging, self.export_dir)
+
+    def ensure_export(self, step: int, model: Hourglass, ema: ExponentialMovingAverage | None) -> None:
+        """Re-export when the export is missing or older than the checkpoint (a kill during its swap)."""
+        if exported_step(self.export_dir) != step:
+            log.info("exporting the prior of step %d to %s (it was missing or stale)", step, self.export_dir)
+            self.export(step, model, ema)
 
     def restore(self, model: Hourglass, optimizer: torch.optim.Optimizer,
                 ema: ExponentialMovingAverage | None) -> int:
         """Load the latest checkpoint if there is one; return the step to continue from (0 if none)."""
         recover_interrupted_checkpoint(self.checkpoint_dir)
+        recover_interrupted_checkpoint(self.export_dir)
         if not self.checkpoint_dir.exists():
             return 0
         saved = read_json(self.checkpoint_dir / "config.json")
@@ -233,6 +257,8 @@ class PriorCheckpointer:
                 f"{self.checkpoint_dir} holds a model of another configuration than the one requested; "
                 "use a new --output-dir or the same model options"
             )
+        check_same_settings(saved.get("training", {}), self.config.to_dict(), ignored=RESUMABLE_CHANGES,
+                            where=self.checkpoint_dir, allowed=self.config.allow_changed_settings)
         load_weights(model, self.checkpoint_dir / "model.safetensors")
         state = read_training_state(self.checkpoint_dir)
         optimizer.load_state_dict(state["optimizer"])
@@ -252,7 +278,9 @@ def _tokenizer_directory(dataset) -> Path | None:
     return path if (path / "model.safetensors").is_file() else None
 
 
-def save_sample_grid(model: Hourglass, dataset, config: PriorTrainingConfig, step: int, device: torch.device) -> Path:
+def save_sample_grid(model: Hourglass, dataset, config: PriorTrainingConfig, step: int, device: torch.device, *,
+                     name: str) -> Path:
+    """Class-conditional grid of ``model`` (raw or EMA weights) at ``OUT/samples/step_XXXXXXX_<name>.png``."""
     from sundae.pipeline import decode_tokens_to_images, load_decoder_for
     from sundae.sampler import SamplingOptions, sample
     from sundae.data.images import save_image_grid
@@ -267,27 +295,31 @@ def save_sample_grid(model: Hourglass, dataset, config: PriorTrainingConfig, ste
     model.train()
     decoder = load_decoder_for(dataset, device)
     images = decode_tokens_to_images(output.tokens, decoder)
-    path = Path(config.output_dir) / "samples" / f"step_{step:07d}.png"
+    path = Path(config.output_dir) / "samples" / f"step_{step:07d}_{name}.png"
     save_image_grid(images, path, nrow=num_classes if num_classes is not None and num_classes <= 16 else None)
     return path
 
 
-def train_prior(config: PriorTrainingConfig) -> Path:
+def train_prior(config: PriorTrainingConfig) -> TrainingResult:
     """Train (or resume) a SUNDAE prior; returns the exported model directory."""
-    return run_distributed(lambda context: _train(config, context), config.device)
+    return run_distributed(lambda context: run_locked(Path(config.output_dir), context, lambda: _train(config, context)),
+                           config.device)
 
 
-def _train(config: PriorTrainingConfig, context: DistributedContext) -> Path:
+def _train(config: PriorTrainingConfig, context: DistributedContext) -> TrainingResult:
     output_dir = Path(config.output_dir)
     dataset = open_token_dataset(config.data, "train")
     validation = open_token_dataset(config.data, "validation")
     model_config = model_config_for(dataset, config)
     torch.manual_seed(config.seed)
     model = Hourglass(model_config).to(context.device)
+    compute_dtype = resolve_training_precision(config.precision, context.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=config.betas, fused=context.device.type == "cuda")
     ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay is not None else None
     checkpointer = PriorCheckpointer(output_dir, config, dataset)
+    if context.is_main:
+        remove_orphan_temporaries(output_dir)
     start_step = checkpointer.restore(model, optimizer, ema)
     use_labels = model_config.num_classes is not None
 
@@ -297,35 +329,46 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Path:
     if context.enabled:
         objective = DistributedDataParallel(objective, device_ids=[context.local_rank] if context.device.type == "cuda" else None)
 
-    metrics_logger = MetricsLogger(output_dir, enabled=context.is_main)
+    metrics_logger = MetricsLogger(output_dir, enabled=context.is_main, resume_step=start_step)
     if context.is_main:
         log.info("prior: %s parameters, %s, data %s (%d train / %d validation, grid %s, v=%d, classes=%s)",
                  f"{sum(p.numel() for p in model.parameters()):,}", model_config.to_dict(), config.data, len(dataset),
                  len(validation), tuple(dataset.grid_shape), dataset.codebook_size, model_config.num_classes)
+        log.info("settings: %d steps x batch %d (x%d accumulation), lr %g (%s, %d warm-up), T=%d, precision %s (%s), "
+                 "EMA %s", config.steps, config.batch_size * context.world_size, config.gradient_accumulation,
+                 config.learning_rate, config.schedule, config.warmup_steps, config.unroll_steps, config.precision,
+                 str(compute_dtype).removeprefix("torch."), "off" if ema is None else f"decay {ema.decay}")
     end_step = config.steps if config.stop_after_steps is None else min(config.steps, start_step + config.stop_after_steps)
     bar = progress_bar(total=config.steps, initial=start_step, enabled=context.is_main, description="train prior")
     running: dict[str, Tensor] = {}
     running_count = 0
+    throughput = Throughput(context.device, compute_dtype, rows=config.batch_size * math.prod(model_config.latent_shape),
+                            dim=model_config.dim, enabled=context.is_main)
     started = time.perf_counter()
     for step in range(start_step, end_step):
         set_learning_rate(optimizer, learning_rate(step, base=config.learning_rate, warmup_steps=config.warmup_steps,
                                                    total_steps=config.steps, schedule=config.schedule,
                                                    final_ratio=config.final_learning_rate_ratio))
-        for micro in range(config.gradient_accumulation):
-            micro_step = step * config.gradient_accumulation + micro
-            indices = batch_indices(micro_step, dataset_size=len(dataset), batch_size=config.batch_size,
-                                    seed=config.seed, rank=context.rank, world_size=context.world_size)
-            tokens, labels = _batch(dataset, indices, context.device, use_labels)
-            generator = step_generator(config.seed, micro_step, context.rank, stream=1, device=context.device)
-            labels = drop_labels(labels, model_config.null_class, config.label_dropout, generator)
-            is_last = micro == config.gradient_accumulation - 1
-            sync = objective.no_sync() if (context.enabled and not is_last) else contextlib.nullcontext()
-            with sync, autocast_context(context.device):
-                loss, metrics = objective(tokens, labels, generator)
-                (loss / config.gradient_accumulation).backward()
-            for name, value in {"loss": loss.detach(), **metrics}.items():
-                running[name] = running.get(name, 0.0) + value.detach().float()
-            running_count += 1
+        def accumulate_gradients() -> None:
+            nonlocal running_count
+            for micro in range(config.gradient_accumulation):
+                micro_step = step * config.gradient_accumulation + micro
+                indices = batch_indices(micro_step, dataset_size=len(dataset), batch_size=config.batch_size,
+                                        seed=config.seed, rank=context.rank, world_size=context.world_size)
+                tokens, labels = _batch(dataset, indices, context.device, use_labels)
+                generator = step_generator(config.seed, micro_step, context.rank, stream=1, device=context.device)
+                torch.manual_seed(step_seed(config.seed, micro_step, context.rank, stream=3))  # dropout masks
+                labels = drop_labels(labels, model_config.null_class, config.label_dropout, generator)
+                is_last = micro == config.gradient_accumulation - 1
+                sync = objective.no_sync() if (context.enabled and not is_last) else contextlib.nullcontext()
+                with sync, autocast(context.device, compute_dtype):
+                    loss, metrics = objective(tokens, labels, generator)
+                    (loss / config.gradient_accumulation).backward()
+                for name, value in {"loss": loss.detach(), **metrics}.items():
+                    running[name] = running.get(name, 0.0) + value.detach().float()
+                running_count += 1
+
+        throughput.run_step(accumulate_gradients)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -337,23 +380,38 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Path:
             averaged = mean_across_ranks({k: v / running_count for k, v in running.items()}, context)
             averaged["grad_norm"] = grad_norm
             averaged["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
-            averaged["steps_per_second"] = torch.tensor((done - start_step) / (time.perf_counter() - started))
+            steps_per_second = (done - start_step) / (time.perf_counter() - started)
+            averaged["steps_per_second"] = torch.tensor(steps_per_second)
+            averaged["samples_per_second"] = torch.tensor(
+                steps_per_second * config.batch_size * config.gradient_accumulation * context.world_size)
+            averaged.update(throughput.fraction_of_matmul_rate(steps_per_second))
             values = metrics_logger.log(done, averaged, prefix="train/")
             if values:
-                bar.set_postfix(loss=f"{values['train/loss']:.3f}")
+                bar.set_postfix(loss=f"{values['train/loss']:.3f}",
+                                samples_per_s=f"{values['train/samples_per_second']:.0f}")
             running, running_count = {}, 0
         if done % config.eval_every == 0 or done == config.steps:
-            metrics_logger.log(done, validation_loss(model, validation, config, context), prefix="validation/")
+            metrics_logger.log(done, validation_loss(model, validation, config, context, compute_dtype),
+                               prefix="validation/")
+            if ema is not None:  # the EMA weights are what ships: measure them too
+                metrics_logger.log(done, validation_loss(_ema_model(model, ema), validation, config, context,
+                                                         compute_dtype), prefix="validation_ema/")
         if context.is_main and (done % config.sample_every == 0 or done == config.steps):
-            path = save_sample_grid(model if ema is None else _ema_model(model, ema), dataset, config, done, context.device)
-            log.info("samples at step %d: %s", done, path)
+            path = save_sample_grid(model, dataset, config, done, context.device, name="raw")
+            log.info("samples at step %d (raw weights): %s", done, path)
+            if ema is not None:
+                path = save_sample_grid(_ema_model(model, ema), dataset, config, done, context.device, name="ema")
+                log.info("samples at step %d (EMA weights): %s", done, path)
         if done % config.checkpoint_every == 0 or done == end_step:
             if context.is_main:
                 checkpointer.save(done, model, optimizer, ema)
             barrier(context)
     bar.close()
     metrics_logger.close()
-    return output_dir / "model"
+    if context.is_main:
+        checkpointer.ensure_export(end_step, model, ema)
+    barrier(context)
+    return TrainingResult(checkpointer.export_dir, step=end_step, total_steps=config.steps)
 
 
 def _ema_model(model: Hourglass, ema: ExponentialMovingAverage) -> Hourglass:

@@ -17,6 +17,7 @@ Output directory layout::
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sundae.checkpoint import CheckpointError, load_weights, read_json, save_weights
 from sundae.config import ConfigBase, ConfigError, VQGANConfig
-from sundae.data.images import ImageFolder, save_image_grid
+from sundae.data.images import DatasetError, ImageFolder, UnreadableImageError, save_image_grid
+from sundae.runtime import PRECISION_CHOICES, autocast, resolve_training_precision
 from sundae.tokenizer import VQGAN
+from sundae.tokenizer.vqgan import codebook_statistics
 from sundae.tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from sundae.tokenizer.losses import TokenizerLossConfig, build_perceptual_loss, discriminator_loss, generator_loss
 from sundae.training.common import (
-    MetricsLogger, StepBatchSampler, autocast_context, batch_indices, learning_rate, progress_bar,
-    read_training_state, recover_interrupted_checkpoint, replace_directory_atomically, set_learning_rate,
-    staging_directory, step_seed, write_training_state,
+    MetricsLogger, StepBatchSampler, batch_indices, check_same_settings, exported_step, learning_rate, progress_bar,
+    read_training_state, recover_interrupted_checkpoint, remove_orphan_temporaries, run_locked, replace_directory_atomically,
+    TrainingResult, set_learning_rate, staging_directory, step_seed, write_training_state,
 )
 from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, run_distributed
 
@@ -67,8 +70,12 @@ class TokenizerTrainingConfig(ConfigBase):
     stop_after_steps: int | None = None
     num_workers: int = 0
     device: str | None = None
+    precision: str = "auto"  # autocast dtype of the step: auto (bf16 where native), float32, bfloat16
+    allow_changed_settings: bool = False  # resume even if settings that change the run differ from the checkpoint's
 
     def validate(self) -> None:
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         for name in ("steps", "batch_size", "log_every", "image_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -121,6 +128,11 @@ class DeadCodeReviver:
         self.counts = state["counts"].clone()
 
 
+# Settings that do not change what a run computes: a resume may change them freely.
+RESUMABLE_CHANGES = frozenset({"images", "output_dir", "log_every", "image_every", "checkpoint_every",
+                               "stop_after_steps", "num_workers", "device", "allow_changed_settings"})
+
+
 class TokenizerCheckpointer:
     def __init__(self, output_dir: Path, config: TokenizerTrainingConfig) -> None:
         self.output_dir = output_dir
@@ -130,6 +142,10 @@ class TokenizerCheckpointer:
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoint"
 
+    @property
+    def export_dir(self) -> Path:
+        return self.output_dir / "tokenizer"
+
     def save(self, step: int, vqgan: VQGAN, discriminator: PatchDiscriminator,
              optimizers: dict[str, torch.optim.Optimizer], reviver: DeadCodeReviver | None) -> None:
         staging = staging_directory(self.checkpoint_dir)
@@ -138,20 +154,32 @@ class TokenizerCheckpointer:
         write_training_state(staging, {"step": step, **{name: opt.state_dict() for name, opt in optimizers.items()},
                                        "reviver": None if reviver is None else reviver.state_dict()})
         replace_directory_atomically(staging, self.checkpoint_dir)
-        export = self.output_dir / "tokenizer"
-        staging = staging_directory(export)
-        vqgan.save_pretrained(staging)
-        replace_directory_atomically(staging, export)
+        self.export(step, vqgan)
+
+    def export(self, step: int, vqgan: VQGAN) -> None:
+        """The usable tokenizer, with the step it was written at (so a stale export is recognised)."""
+        staging = staging_directory(self.export_dir)
+        vqgan.save_pretrained(staging, extra={"step": step})
+        replace_directory_atomically(staging, self.export_dir)
+
+    def ensure_export(self, step: int, vqgan: VQGAN) -> None:
+        """Re-export when the export is missing or older than the checkpoint (a kill during its swap)."""
+        if exported_step(self.export_dir) != step:
+            log.info("exporting the tokenizer of step %d to %s (it was missing or stale)", step, self.export_dir)
+            self.export(step, vqgan)
 
     def restore(self, vqgan: VQGAN, discriminator: PatchDiscriminator,
                 optimizers: dict[str, torch.optim.Optimizer], reviver: DeadCodeReviver | None) -> int:
         recover_interrupted_checkpoint(self.checkpoint_dir)
+        recover_interrupted_checkpoint(self.export_dir)
         if not self.checkpoint_dir.exists():
             return 0
         saved = read_json(self.checkpoint_dir / "config.json")
         if VQGANConfig.from_dict(saved["config"]) != vqgan.config:
             raise CheckpointError(f"{self.checkpoint_dir} holds a tokenizer of another configuration than the one "
                                   "requested; use a new --output-dir or the same model options")
+        check_same_settings(saved.get("training", {}), self.config.to_dict(), ignored=RESUMABLE_CHANGES,
+                            where=self.checkpoint_dir, allowed=self.config.allow_changed_settings)
         load_weights(vqgan, self.checkpoint_dir / "model.safetensors")
         load_weights(discriminator, self.checkpoint_dir / "discriminator.safetensors")
         state = read_training_state(self.checkpoint_dir)
@@ -196,21 +224,69 @@ def reconstruction_metrics(vqgan: VQGAN, images: Tensor) -> dict[str, float]:
     return {"l1": l1, "psnr": psnr, "perplexity": output.perplexity.item(), "codebook_usage": output.codebook_usage.item()}
 
 
-def train_tokenizer(config: TokenizerTrainingConfig) -> Path:
-    """Train (or resume) a VQ-GAN; returns the exported tokenizer directory."""
-    return run_distributed(lambda context: _train(config, context), config.device)
+def default_discriminator_start(steps: int) -> int:
+    """The GAN term starts after 3/4 of the run, at most at Table 4's step 15 000, so that a short
+    run still trains its adversarial phase (a fixed 15 000 never switched it on in 300 steps)."""
+    return min(15_000, (3 * steps) // 4)
 
 
-def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path:
+@torch.no_grad()
+def measure_reconstructions(vqgan: VQGAN, folder: ImageFolder, *, limit: int, batch_size: int,
+                            progress: bool = False) -> dict[str, Any]:
+    """L1 / PSNR / codebook statistics over up to ``limit`` readable images spread evenly over the
+    (class-sorted) folder. Unreadable files are skipped and counted, never replaced by a neighbour."""
+    from tqdm.auto import tqdm
+
+    device = next(vqgan.parameters()).device
+    step = max(1, len(folder) // max(1, min(limit, len(folder))))
+    positions = list(range(0, len(folder), step))[:limit]
+    totals: dict[str, float] = {"l1": 0.0, "psnr": 0.0}
+    codes, grid, count, unreadable = [], [], 0, []
+    with tqdm(total=len(positions), unit="image", desc="reconstruct", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(positions), batch_size):
+            batch = []
+            for position in positions[start:start + batch_size]:
+                try:
+                    batch.append(folder.load(position))
+                except UnreadableImageError as error:
+                    unreadable.append(folder.relative_paths[position])
+                    log.warning("skipping unreadable image %s", error)
+            bar.update(len(positions[start:start + batch_size]))
+            if not batch:
+                continue
+            images = torch.stack(batch).to(device)
+            measured = reconstruction_metrics(vqgan, images)
+            for name in totals:
+                totals[name] += measured[name] * len(images)
+            count += len(images)
+            codes.append(vqgan.encode(images).cpu())
+            grid += batch[: max(0, 16 - len(grid))]
+    if not count:
+        raise DatasetError(f"none of the {len(positions)} images tried under {folder.root} could be read")
+    perplexity, usage = codebook_statistics(torch.cat(codes), vqgan.config.codebook_size)
+    return {"images": count, "unreadable": len(unreadable), **{k: round(v / count, 4) for k, v in totals.items()},
+            "perplexity": round(perplexity.item(), 4), "codebook_usage": round(usage.item(), 4),
+            "grid_images": torch.stack(grid)}
+
+
+def train_tokenizer(config: TokenizerTrainingConfig) -> TrainingResult:
+    """Train (or resume) a VQ-GAN; returns the exported tokenizer directory and the step reached."""
+    return run_distributed(lambda context: run_locked(Path(config.output_dir), context, lambda: _train(config, context)),
+                           config.device)
+
+
+def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> TrainingResult:
     output_dir = Path(config.output_dir)
     model_config = VQGANConfig.from_dict(config.model)
-    loss_config = TokenizerLossConfig.from_dict(config.loss)
-    dataset = ImageFolder(config.images, resolution=model_config.resolution)
+    loss_config = TokenizerLossConfig.from_dict(
+        {"discriminator_start": default_discriminator_start(config.steps), **config.loss})
+    dataset = ImageFolder(config.images, resolution=model_config.resolution, channels=model_config.in_channels)
     torch.manual_seed(config.seed)
     vqgan = VQGAN(model_config).to(context.device)
     discriminator = PatchDiscriminator(DiscriminatorConfig.from_dict(
         {"in_channels": model_config.out_channels, **config.discriminator})).to(context.device)
     perceptual = build_perceptual_loss(loss_config).to(context.device)
+    compute_dtype = resolve_training_precision(config.precision, context.device)
     fused = context.device.type == "cuda"
     optimizers = {
         "generator": torch.optim.AdamW(vqgan.parameters(), lr=config.learning_rate, betas=config.betas,
@@ -220,6 +296,8 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
     }
     discriminator_lr_ratio = (config.discriminator_learning_rate or config.learning_rate) / config.learning_rate
     checkpointer = TokenizerCheckpointer(output_dir, config)
+    if context.is_main:
+        remove_orphan_temporaries(output_dir)
     reviver = None
     if config.revive_dead_codes_every is not None and model_config.quantizer == "vq":
         reviver = DeadCodeReviver(model_config.codebook_size, config.revive_dead_codes_every)
@@ -235,12 +313,19 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
 
     fixed_images = torch.stack([dataset[i][0] for i in batch_indices(0, dataset_size=len(dataset),
                                 batch_size=min(8, len(dataset)), seed=config.seed + 1)]).to(context.device)
-    metrics_logger = MetricsLogger(output_dir, enabled=context.is_main)
+    metrics_logger = MetricsLogger(output_dir, enabled=context.is_main, resume_step=start_step)
     if context.is_main:
         log.info("tokenizer: %s parameters, f=%d, codebook %d, perceptual features: %s, %d images from %s",
                  f"{sum(p.numel() for p in vqgan.parameters()):,}", model_config.downsample_factor,
                  model_config.codebook_size, perceptual.source, len(dataset), config.images)
-        metrics_logger.log(start_step, reconstruction_metrics(vqgan, fixed_images), prefix="reconstruction/")
+        gan_start = ("never (starts after the last step)" if loss_config.discriminator_start >= config.steps
+                     else f"from step {loss_config.discriminator_start}")
+        log.info("settings: %d steps x batch %d, lr %g, precision %s (%s), GAN loss %s, dead-code restarts %s",
+                 config.steps, config.batch_size * context.world_size, config.learning_rate, config.precision,
+                 str(compute_dtype).removeprefix("torch."), gan_start,
+                 "off" if reviver is None else f"every {config.revive_dead_codes_every} steps")
+        if start_step == 0:
+            metrics_logger.log(start_step, reconstruction_metrics(vqgan, fixed_images), prefix="reconstruction/")
     bar = progress_bar(total=config.steps, initial=start_step, enabled=context.is_main, description="train tokenizer")
     running: dict[str, Tensor] = {}
     running_count = 0
@@ -253,7 +338,7 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
         set_learning_rate(optimizers["discriminator"], lr * discriminator_lr_ratio)
         torch.manual_seed(step_seed(config.seed, step, context.rank, stream=3))  # dropout / gumbel noise of this step
 
-        with autocast_context(context.device):
+        with autocast(context.device, compute_dtype):
             output = generator_model(images)
             loss, metrics = generator_loss(images=images, reconstructions=output.reconstruction,
                                            quantizer_loss=output.quantizer_loss, discriminator=discriminator,
@@ -265,7 +350,7 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
         optimizers["generator"].step()
 
         if step >= loss_config.discriminator_start:
-            with autocast_context(context.device):
+            with autocast(context.device, compute_dtype):
                 d_loss, d_metrics = discriminator_loss(images=images, reconstructions=output.reconstruction.detach(),
                                                        discriminator=discriminator_model, step=step, config=loss_config)
             optimizers["discriminator"].zero_grad(set_to_none=True)
@@ -286,7 +371,9 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
         done = step + 1
         if done % config.log_every == 0 or done == end_step:
             averaged = mean_across_ranks({k: v / running_count for k, v in running.items()}, context)
-            averaged["steps_per_second"] = torch.tensor((done - start_step) / (time.perf_counter() - started))
+            steps_per_second = (done - start_step) / (time.perf_counter() - started)
+            averaged["steps_per_second"] = torch.tensor(steps_per_second)
+            averaged["samples_per_second"] = torch.tensor(steps_per_second * config.batch_size * context.world_size)
             metrics_logger.log(done, averaged, prefix="train/")
             running, running_count = {}, 0
         if context.is_main and (done % config.image_every == 0 or done == config.steps):
@@ -299,4 +386,7 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Path
             barrier(context)
     bar.close()
     metrics_logger.close()
-    return output_dir / "tokenizer"
+    if context.is_main:
+        checkpointer.ensure_export(end_step, vqgan)
+    barrier(context)
+    return TrainingResult(output_dir / "tokenizer", step=end_step, total_steps=config.steps)

@@ -24,7 +24,7 @@ function makeInput(field, classNames) {
   }
   const input = document.createElement("input");
   input.type = "number";
-  input.step = field.type === "integer" ? "1" : String(field.step);
+  input.step = String(field.step);
   input.min = String(field.minimum);
   input.max = String(field.maximum);
   if (field.default !== null) input.value = String(field.default);
@@ -162,7 +162,7 @@ function showImages(gallery, images, captions, name) {
     use.type = "button";
     use.className = "use";
     use.textContent = "Edit";
-    use.onclick = () => setSource(url, false);
+    use.onclick = () => setSource(url);
     const download = document.createElement("a");
     download.href = url;
     download.download = `${name}-${index}.png`;
@@ -202,12 +202,18 @@ function loadImage(url) {
   });
 }
 
-// Uploads are centre-cropped and resized to the model's resolution; app results are used as they are.
-async function setSource(url, fitToModel) {
+// App results, and uploads the server takes (the CLI's rule: sides multiples of f, within the canvas limit), are
+// used as they are; any other upload is centre-cropped and resized to the model's size, and the status says so.
+async function setSource(url, uploadName = null) {
   const image = await loadImage(url);
-  const [modelHeight, modelWidth] = state.info.model.image_size;
-  const width = fitToModel ? modelWidth : image.naturalWidth;
-  const height = fitToModel ? modelHeight : image.naturalHeight;
+  const { factor, image_size: [modelHeight, modelWidth] } = state.info.model;
+  const [maxHeight, maxWidth] = state.info.limits.max_canvas;
+  const [uploadWidth, uploadHeight] = [image.naturalWidth, image.naturalHeight];
+  const editable = uploadWidth % factor === 0 && uploadHeight % factor === 0
+    && uploadWidth <= maxWidth && uploadHeight <= maxHeight;
+  const fitToModel = uploadName !== null && !editable;
+  const width = fitToModel ? modelWidth : uploadWidth;
+  const height = fitToModel ? modelHeight : uploadHeight;
   const canvas = $("#image-canvas");
   canvas.width = width;
   canvas.height = height;
@@ -233,6 +239,14 @@ async function setSource(url, fitToModel) {
   brush.value = String(Math.max(1, Math.round(Math.max(width, height) / 8)));
   $("#brush-size-value").textContent = brush.value;
   drawMask();
+  if (uploadName === null) return;
+  const status = $("#edit-status");  // a new image: the last run's status no longer applies
+  status.className = fitToModel ? "status notice" : "status";
+  status.textContent = fitToModel
+    ? `${uploadName} is ${uploadWidth}×${uploadHeight} px, which this model cannot edit as it is (both sides must `
+      + `be multiples of f=${factor} and at most ${maxWidth}×${maxHeight}): centre-cropped and resized to `
+      + `${modelWidth}×${modelHeight} px`
+    : `loaded ${uploadName} (${width}×${height} px)`;
 }
 
 function blankSource() {
@@ -307,7 +321,8 @@ function setUpBrush() {
     const file = $("#upload").files[0];
     if (!file) return;
     const reader = new FileReader();
-    reader.onload = () => setSource(reader.result, true).catch((error) => showError($("#edit-status"), error.message));
+    reader.onload = () => setSource(reader.result, file.name)
+      .catch((error) => showError($("#edit-status"), error.message));
     reader.readAsDataURL(file);
   });
 }
@@ -331,11 +346,6 @@ function maskDataUrl() {
 
 function buildEditFields() {
   buildFields($("#edit-fields"), state.info.operations[$("#edit-mode").value]);
-  const step = String(state.info.model.factor);
-  for (const side of ["left", "top", "right", "bottom"]) {
-    const input = $(`#edit-fields [name=${side}]`);
-    if (input) input.step = step;
-  }
 }
 
 $("#edit-form").addEventListener("submit", (submitted) => {
@@ -363,7 +373,7 @@ async function start() {
   buildEditFields();
   $("#edit-mode").addEventListener("change", buildEditFields);
   setUpBrush();
-  await setSource(blankSource(), false);
+  await setSource(blankSource());
   document.body.dataset.ready = "true";
 }
 
