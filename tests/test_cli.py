@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -91,11 +92,25 @@ def test_describe_prints_parameter_count():
     (["refine", "{image}", "--box", "0,0,4,4", "--strength", "2", "--model", "{model}", "--out", "{tmp}/x.png"],
      "strength"),
     (["describe", "no-such-preset"], "unknown preset"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--classes", ""], "--classes needs class names"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--classes", ","], "--classes needs class names"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--seed", "99999999999999999999999"], "--seed"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--device", "foo"], "unknown device 'foo'"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--batch-size", "-1"], "--batch-size"),
+    (["sample", "{model}", "--out", "{tmp}/x.png", "--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["inpaint", "{text}", "--box", "0,0,4,4", "--model", "{model}", "--out", "{tmp}/x.png"], "not a readable image"),
+    (["inpaint", "{image}", "--mask", "{empty}", "--model", "{model}", "--out", "{tmp}/x.png"], "not a readable image"),
+    (["inpaint", "{image}", "--box", "0,0,4,4", "-n", "0", "--model", "{model}", "--out", "{tmp}/x.png"],
+     "--num-images"),
+    (["sample", "--out", "{tmp}/x.png", "--no-such-flag"], "No such option '--no-such-flag'"),
 ])
 def test_bad_input_gives_exit_code_2_and_one_line(args, message, tiny_pipeline_dir, image_path, tmp_path):
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "small.png")
     Image.fromarray(np.zeros((15, 16, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
-    values = {"model": tiny_pipeline_dir, "tmp": tmp_path, "image": image_path, "odd": tmp_path / "odd.png"}
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    values = {"model": tiny_pipeline_dir, "tmp": tmp_path, "image": image_path, "odd": tmp_path / "odd.png",
+              "text": tmp_path / "notes.png", "empty": tmp_path / "empty.png"}
     result = CliRunner().invoke(main, [a.format(**values) for a in args])
     assert result.exit_code == 2, result.output
     error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -159,6 +174,23 @@ def test_the_same_model_option_on_every_command_and_flag_names_in_errors(tiny_pi
                                        str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "error: --top-p must be in (0, 1]" in result.output
     assert "sampling" not in result.output  # refused before the progress bar starts
+
+
+def test_reconstruct_counts_only_the_readable_images(tmp_path):
+    from sundae.config import VQGANConfig
+    from sundae.tokenizer import VQGAN
+
+    tokenizer = tmp_path / "tokenizer"
+    VQGAN(VQGANConfig(resolution=16, in_channels=1, out_channels=1, channels=32, channel_multipliers=(1, 2),
+                      num_res_blocks=1, attention_resolutions=(), z_channels=8, embed_dim=8,
+                      codebook_size=16)).save_pretrained(tokenizer)
+    images = write_grey_images(tmp_path / "images", side=16, count=6)
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    result = run("reconstruct", tokenizer, images, "--out", tmp_path / "grid.png")
+    assert result.exit_code == 0, result.output
+    report = json.loads(re.search(r"\{\"tokenizer\".*\}", result.output).group(0))
+    assert report["images"] == 6 and report["unreadable"] == 1  # not 7 with one image counted twice
+    assert Image.open(tmp_path / "grid.png").size[1] == 2 * 16 + 3 * 2
 
 
 def test_describe_without_a_preset_lists_them():

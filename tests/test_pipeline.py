@@ -168,3 +168,37 @@ def test_precision_leaves_the_modules_given_as_they_were(picture):
     assert half.tokenizer.encoder.conv_in.weight.data_ptr() == tokenizer.encoder.conv_in.weight.data_ptr()
     full = SundaePipeline(prior, tokenizer, precision="float32")
     assert all(a.data_ptr() == b.data_ptr() for a, b in zip(full.prior.parameters(), prior.parameters()))
+
+
+def test_output_types_are_checked_and_latent_skips_decoding(tiny_pipeline_dir):
+    import numpy as np
+
+    from sundae.errors import InputError
+    from sundae.pipeline import SundaePipeline
+
+    pipe = SundaePipeline.from_pretrained(tiny_pipeline_dir)
+    tensor = pipe(2, class_labels=[0, 1], seed=3, steps=2, output_type="pt")
+    array = pipe(2, class_labels=[0, 1], seed=3, steps=2, output_type="np").images
+    assert isinstance(array, np.ndarray) and array.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(array, ((tensor.images + 1) / 2).permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    latent = pipe(2, class_labels=[0, 1], seed=3, steps=2, output_type="latent")
+    assert latent.images is None and torch.equal(latent.tokens, tensor.tokens)
+    with pytest.raises(InputError, match="output_type must be one of pil, pt, np, latent"):
+        pipe(1, steps=2, output_type="numpy")
+
+
+@pytest.mark.parametrize("data, message", [(None, "must be an object"), (5, "must be an object"),
+                                           ({"class_names": 5}, "class_names must be a list"),
+                                           ({"codebook_size": "16"}, "codebook_size must be an integer")])
+def test_a_model_whose_data_section_has_wrong_types_is_refused(tiny_pipeline_dir, tmp_path, data, message):
+    import json
+    import shutil
+
+    from sundae.pipeline import SundaePipeline
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    payload = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**payload, "data": data}))
+    with pytest.raises(CheckpointError, match=message):
+        SundaePipeline.from_pretrained(broken)

@@ -175,3 +175,26 @@ def test_a_second_process_on_the_same_run_folder_is_refused(pixel_npz, tmp_path)
         train_prior(config(pixel_npz, out, steps=2))
     holder.release()  # the holder ends (or is killed: the OS drops its lock)
     assert train_prior(config(pixel_npz, out, steps=2)).finished
+
+
+def test_a_hostile_training_state_is_refused_without_running_or_allocating(pixel_npz, tmp_path):
+    import pickle
+    import resource
+
+    class Bomb:
+        def __reduce__(self):
+            return bytearray, (3_000_000_000,)
+
+    class Gadget:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    out = tmp_path / "run"
+    train_prior(config(pixel_npz, out, steps=4, stop_after_steps=2))
+    for payload in (Bomb(), Gadget(), {"step": "two"}):
+        (out / "checkpoint" / "training_state.pt").write_bytes(pickle.dumps(payload))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(CheckpointError):
+            train_prior(config(pixel_npz, out, steps=4))
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: no 3 GB bytearray
+    assert not (tmp_path / "pwned").exists()

@@ -148,3 +148,25 @@ def test_the_gan_start_scales_with_a_short_run(tmp_path, caplog):
     assert "GAN loss from step 3" in caplog.text and "precision auto" in caplog.text
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "train/discriminator_loss" in row] == [4]
+
+
+def test_decoder_only_fine_tuning_keeps_every_code_and_changes_the_decoder(tmp_path):
+    from sundae.tokenizer import VQGAN
+
+    images = write_images(tmp_path / "images")
+    base = train_tokenizer(config(images, tmp_path / "base", steps=2)).export_dir
+    tuned = train_tokenizer(config(images, tmp_path / "tuned", steps=3, init_from=str(base), decoder_only=True,
+                                   learning_rate=1e-2, loss={"perceptual": "none", "discriminator_start": 1})).export_dir
+    before, after = VQGAN.from_pretrained(base), VQGAN.from_pretrained(tuned)
+    for name, value in before.state_dict().items():
+        same = torch.equal(value, after.state_dict()[name])
+        assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name
+    batch = torch.rand(4, 3, 16, 16) * 2 - 1
+    assert torch.equal(before.encode(batch), after.encode(batch))
+
+
+def test_decoder_only_needs_a_tokenizer_to_start_from(tmp_path):
+    from sundae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--init-from"):
+        config(tmp_path, tmp_path / "run", decoder_only=True)

@@ -264,13 +264,3 @@ class PretrainedMixin:
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-
-
-def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: nothing to resume from")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated/corrupt files
-        raise CheckpointError(f"{path} could not be read ({type(error).__name__}: {error}); it may be corrupted") from None

@@ -6,6 +6,7 @@ Bad input (missing file, wrong size, out-of-range knob, corrupted checkpoint) en
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 import click
 
+from sundae.config import INPAINT_DEFAULTS, SamplingOptions
 from sundae.errors import InputError
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
@@ -26,7 +28,8 @@ USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 
 def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    click.echo(f"error: {'; '.join(lines)}", err=True)  # always one line, whatever the library wrote
     sys.exit(2)
 
 
@@ -72,7 +75,24 @@ def configure_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OneLineErrors(click.Group):
+    """Click's usage errors (a bad flag value, a missing argument) as the one ``error:`` line and
+    exit code 2 that every other bad input gets, instead of a usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as error:
+            command = f" (see `sundae {error.ctx.info_name} --help`)" if error.ctx and error.ctx.parent else ""
+            click.echo(f"error: {error.format_message()}{command}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging, and tracebacks for internal errors.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads (default: the cores available; env SUNDAE_THREADS). OpenMP waits passively "
@@ -99,27 +119,31 @@ RUNTIME_OPTIONS = [
 ]
 
 
-def sampling_options(defaults: dict[str, Any]) -> Callable:
+def sampling_options(overrides: dict[str, Any] | None = None) -> Callable:
+    """The sampler's flags; their defaults are :class:`SamplingOptions`' (the one definition),
+    with ``overrides`` for commands that sample differently (inpainting)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(SamplingOptions)} | (overrides or {})
+
     def decorate(function: Callable) -> Callable:
         options = [
-            click.option("--steps", type=int, default=defaults.get("steps", 50), show_default=True,
+            click.option("--steps", type=int, default=defaults["steps"], show_default=True,
                          help="Sampling steps T."),
-            click.option("--temperature", type=float, default=defaults.get("temperature", 1.0), show_default=True,
+            click.option("--temperature", type=float, default=defaults["temperature"], show_default=True,
                          help="Temperature at the first step."),
-            click.option("--end-temperature", type=float, default=defaults.get("end_temperature", 0.6),
+            click.option("--end-temperature", type=float, default=defaults["end_temperature"],
                          show_default=True, help="Temperature at the last step (annealed)."),
             click.option("--schedule", "temperature_schedule", type=click.Choice(["linear", "cosine"]),
-                         default="linear", show_default=True, help="Temperature schedule."),
-            click.option("--proportion", type=float, default=defaults.get("proportion", 0.8), show_default=True,
+                         default=defaults["temperature_schedule"], show_default=True, help="Temperature schedule."),
+            click.option("--proportion", type=float, default=defaults["proportion"], show_default=True,
                          help="Share of tokens updated per step."),
-            click.option("--end-proportion", type=float, default=None, help="Proportion at the last step."),
-            click.option("--top-k", type=int, default=None, help="Sample among the k most likely codes."),
-            click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold."),
-            click.option("--guidance", "guidance_scale", type=float, default=1.0, show_default=True,
+            click.option("--end-proportion", type=float, default=defaults["end_proportion"], help="Proportion at the last step."),
+            click.option("--top-k", type=int, default=defaults["top_k"], help="Sample among the k most likely codes."),
+            click.option("--top-p", type=float, default=defaults["top_p"], help="Nucleus sampling threshold."),
+            click.option("--guidance", "guidance_scale", type=float, default=defaults["guidance_scale"], show_default=True,
                          help="Classifier-free guidance scale (1 = plain conditional, 0 = unconditional)."),
             click.option("--no-early-stop", "early_stop", flag_value=False, default=True,
                          help="Run every sample for all steps."),
-            click.option("--min-steps", type=int, default=0, show_default=True,
+            click.option("--min-steps", type=int, default=defaults["min_steps"], show_default=True,
                          help="Earliest step (from 1) at which a sample may stop on its own."),
             click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True,
                          help="Image i uses seed + i."),
@@ -152,8 +176,6 @@ def in_flag_names(message: str) -> str:
 
 def split_sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Take the sampler's options out of a command's arguments and check them before any work starts."""
-    from sundae.sampler import SamplingOptions
-
     options = {key: kwargs.pop(key) for key in SAMPLING_KEYS}
     try:
         SamplingOptions(**options)
@@ -238,7 +260,7 @@ def save_images(images, out: Path, *, grid: bool, per_image_dir: Path | None, nr
 @click.option("--trajectory", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the denoising from noise to image as an animated GIF.")
 @click.option("--nrow", type=int, default=None, help="Images per grid row.")
-@sampling_options({"steps": 50})
+@sampling_options()
 @model_argument(positional=True)
 @user_errors
 def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | None, classes: str | None,
@@ -338,7 +360,7 @@ def _report(result, out: Path, per_image_dir: Path | None, elapsed: float) -> No
 @click.argument("image", type=click.Path())
 @mask_options
 @output_options
-@sampling_options({"steps": 50, "temperature": 0.4, "end_temperature": 0.4})
+@sampling_options(INPAINT_DEFAULTS)
 @model_argument(positional=False)
 @user_errors
 def inpaint(image: str, mask: str | None, box: str | None, mask_rule: str, out: Path, num_images: int,
@@ -359,7 +381,7 @@ def inpaint(image: str, mask: str | None, box: str | None, mask_rule: str, out: 
 @click.option("--strength", type=float, default=0.5, show_default=True,
               help="Share of masked tokens reset to noise (0: start from the current tokens).")
 @output_options
-@sampling_options({"steps": 30, "temperature": 0.4, "end_temperature": 0.4})
+@sampling_options({**INPAINT_DEFAULTS, "steps": 30})
 @model_argument(positional=False)
 @user_errors
 def refine(image: str, mask: str | None, box: str | None, mask_rule: str, strength: float, out: Path, num_images: int,
@@ -381,7 +403,7 @@ def refine(image: str, mask: str | None, box: str | None, mask_rule: str, streng
 @click.option("--right", type=int, default=0)
 @click.option("--bottom", type=int, default=0)
 @output_options
-@sampling_options({"steps": 50, "temperature": 0.4, "end_temperature": 0.4})
+@sampling_options(INPAINT_DEFAULTS)
 @model_argument(positional=False)
 @user_errors
 def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path, num_images: int,
@@ -456,7 +478,7 @@ def build_extractor(kind: str, path: str | None, batch_size: int, device: str | 
               help="Score these generated images (folder or .npz) instead of sampling from a model.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("evaluation.json"),
               show_default=True, help="JSON report.")
-@sampling_options({"steps": 50})
+@sampling_options()
 @model_argument(positional=True)
 @user_errors
 def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: str | None, num_samples: int,
@@ -490,7 +512,7 @@ def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: s
 @click.option("--values", required=True, help="Comma-separated values, e.g. 10,20,50,100.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep"), show_default=True,
               help="Writes sweep.csv, sweep.png and sweep.json here.")
-@sampling_options({"steps": 50})
+@sampling_options()
 @model_argument(positional=True)
 @user_errors
 def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str | None, num_samples: int,
@@ -607,12 +629,15 @@ def time_forward(config, repeats: int = 3) -> float:
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--config", "config_path", type=click.Path(), default=None, help="taming/ldm yaml config.")
 @click.option("--preset", "preset_name", default=None, help="Name of a VQ-GAN preset instead of inference.")
+@click.option("--resolution", type=click.IntRange(min=1), default=None,
+              help="Training image size, when neither --config nor a known preset layout tells it.")
 @user_errors
-def convert_taming_command(checkpoint: str, out_dir: str, config_path: str | None, preset_name: str | None) -> None:
+def convert_taming_command(checkpoint: str, out_dir: str, config_path: str | None, preset_name: str | None,
+                           resolution: int | None) -> None:
     """Convert a taming-transformers / latent-diffusion VQ checkpoint into sundae's format (no code is unpickled)."""
     from sundae.tokenizer.taming import convert_taming
 
-    target = convert_taming(checkpoint, out_dir, config_path=config_path, preset=preset_name)
+    target = convert_taming(checkpoint, out_dir, config_path=config_path, preset=preset_name, resolution=resolution)
     click.echo(f"wrote {target}")
 
 
@@ -679,6 +704,11 @@ def given(**values: Any) -> dict[str, Any]:
 @click.option("--revive-dead-codes-every", type=int, default=200, show_default=True,
               help="Steps between dead-code restarts (0: never, as plain taming training).")
 @click.option("--stop-after-steps", type=int, default=None, help="End this run early (resume later).")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Start from the weights of this tokenizer directory.")
+@click.option("--decoder-only", is_flag=True,
+              help="With --init-from: train only the decoder, so every image keeps its codes (latents and a prior "
+                   "trained on them stay valid).")
 @click.option("--num-workers", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None)

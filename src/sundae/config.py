@@ -555,8 +555,78 @@ def preset(name: str, presets: dict[str, C]) -> C:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(presets))}") from None
 
 
+# ---------------------------------------------------------------------------------------------
+# Sampling (paper §3.4, §3.6)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions(ConfigBase):
+    """Sampler knobs (:mod:`sundae.sampler`), the one definition of their defaults: the CLI's flags,
+    the pipeline and the evaluation all start from these. Defaults follow the paper's
+    recommendations (§3.4, Figs. 8, 12, 13) and the sweeps of the shipped model (README).
+
+    Steps count from 1. With ``early_stop`` a sample stops after the first step that updated at
+    least one of its free positions and left all of them unchanged; ``min_steps`` is the earliest
+    step it may stop at (``min_steps=3``: steps 1 and 2 always run, a sample may stop at step 3;
+    0 and 1 both let it stop at step 1). ``steps_taken`` of :class:`SampleOutput` is that step.
+    """
+
+    steps: int = 50
+    temperature: float = 1.0  # at the first step
+    end_temperature: float = 0.6  # at the last step (Fig. 13: 0.5-0.7 works well)
+    temperature_schedule: str = "linear"  # "linear" or "cosine"
+    proportion: float = 0.8  # share of positions updated per step (0.5-0.8 for T <= 50)
+    end_proportion: float | None = None  # None: constant proportion
+    proportion_schedule: str = "linear"
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance_scale: float = 1.0  # 1: plain conditional; 0: unconditional; >1: classifier-free guidance
+    early_stop: bool = True
+    min_steps: int = 0  # the earliest step (counted from 1) at which a sample may stop on its own
+    compaction_interval: int = 1  # steps between removals of finished samples (each costs one sync)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.temperature <= 0 or self.end_temperature <= 0:
+            raise ConfigError(f"temperatures must be > 0, got {self.temperature} -> {self.end_temperature}")
+        for name in ("temperature_schedule", "proportion_schedule"):
+            if getattr(self, name) not in ("linear", "cosine"):
+                raise ConfigError(f"{name} must be 'linear' or 'cosine', got {getattr(self, name)!r}")
+        for value in (self.proportion, self.end_proportion):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ConfigError(f"proportion must be in (0, 1], got {value}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.min_steps < 0 or self.compaction_interval < 1:
+            raise ConfigError("min_steps must be >= 0 and compaction_interval >= 1")
+
+    def temperature_at(self, step: int) -> float:
+        return _schedule(self.temperature, self.end_temperature, step, self.steps, self.temperature_schedule)
+
+    def proportion_at(self, step: int) -> float:
+        end = self.proportion if self.end_proportion is None else self.end_proportion
+        return _schedule(self.proportion, end, step, self.steps, self.proportion_schedule)
+
+
+def _schedule(start: float, end: float, step: int, steps: int, kind: str) -> float:
+    """Value at ``step`` of ``steps``: ``start`` at the first step, ``end`` at the last (end when steps == 1)."""
+    progress = step / (steps - 1) if steps > 1 else 1.0
+    if kind == "cosine":
+        progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+    return start + (end - start) * progress
+
+
+# Inpainting, outpainting and refinement sample at a low constant temperature (§3.6: 0.3 <= tau <= 0.5).
+INPAINT_DEFAULTS = {"temperature": 0.4, "end_temperature": 0.4}
+
 __all__ = [
     "ConfigBase", "ConfigError", "MAX_CODEBOOK_SIZE", "MAX_PARAMETERS", "field_types", "short_repr", "VQGANConfig",
-    "HourglassConfig", "VQGAN_PRESETS", "HOURGLASS_PRESETS",
+    "HourglassConfig", "VQGAN_PRESETS", "HOURGLASS_PRESETS", "SamplingOptions", "INPAINT_DEFAULTS",
     "UNROLL_STEPS", "depth_layers", "depth_levels", "preset",
 ]

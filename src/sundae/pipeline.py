@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from sundae.checkpoint import CheckpointError, read_json
+from sundae.config import INPAINT_DEFAULTS
 from sundae.denoiser import Hourglass
 from sundae.errors import InputError
 from sundae.sampler import SampleOutput, SamplingOptions, sample, seeds_from_generator, uniform_noise
@@ -32,12 +33,13 @@ from sundae.tokenizer.vqgan import decode_in_tiles
 ImageInput = Image.Image | Tensor | np.ndarray | str | os.PathLike
 TOKENIZER_SUBDIR = "tokenizer"
 
-INPAINT_DEFAULTS = {"temperature": 0.4, "end_temperature": 0.4}  # §3.6: 0.3 <= tau <= 0.5
 
 
 @dataclass
 class PipelineOutput:
-    images: list[Image.Image] | Tensor  # PIL images, or a (B, C, H, W) tensor in [-1, 1]
+    # "pil": PIL images; "pt": a (B, C, H, W) tensor in [-1, 1]; "np": a (B, H, W, C) float32 array in
+    # [0, 1] (diffusers' convention); "latent": None (nothing is decoded; the tokens are the result)
+    images: list[Image.Image] | Tensor | np.ndarray | None
     tokens: Tensor  # (B, h, w)
     steps_taken: Tensor  # (B,)
     trajectory: list[Tensor] | None = None
@@ -92,9 +94,41 @@ def decode_tokens_to_images(tokens: Tensor, tokenizer: nn.Module, batch_size: in
     return torch.cat(chunks)
 
 
+OUTPUT_TYPES = ("pil", "pt", "np", "latent")
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+
+def format_images(images: Tensor, output_type: str) -> list[Image.Image] | Tensor | np.ndarray:
+    """Decoded images (B, C, H, W) in [-1, 1] as ``output_type`` (see :class:`PipelineOutput`)."""
+    if output_type == "pil":
+        return to_pil(images)
+    if output_type == "np":
+        return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+    return images
+
+
 def to_pil(images: Tensor) -> list[Image.Image]:
     array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in array]
+
+
+def model_data_section(directory: Path) -> dict[str, Any]:
+    """The ``data`` entry of a model's config.json (what it was trained on), checked by type."""
+    data = read_json(directory / "config.json").get("data", {})
+    where = f"{directory / 'config.json'}: \"data\""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} must be an object, got {type(data).__name__}")
+    names = data.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        raise CheckpointError(f"{where}.class_names must be a list of strings or null")
+    size = data.get("codebook_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+        raise CheckpointError(f"{where}.codebook_size must be an integer, got {size!r}")
+    return data
 
 
 def open_image_file(path: str | os.PathLike, what: str) -> Image.Image:
@@ -228,8 +262,7 @@ class SundaePipeline:
         prior = Hourglass.from_pretrained(directory, map_location=device)
         tokenizer_dir = directory / TOKENIZER_SUBDIR
         tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir.is_dir() else None, device)
-        payload = read_json(directory / "config.json")
-        data = payload.get("data", {})
+        data = model_data_section(directory)
         if data.get("codebook_size", prior.config.codebook_size) != tokenizer.config.codebook_size:
             raise CheckpointError(f"{directory}: the prior's codebook ({prior.config.codebook_size}) does not match "
                                   f"its tokenizer's ({tokenizer.config.codebook_size})")
@@ -310,10 +343,15 @@ class SundaePipeline:
         """Tokens (B, h, w) -> images (B, C, H, W) in [-1, 1] on the CPU, tiled as configured."""
         return decode_tokens_to_images(tokens, self.tokenizer, tiles=self.decode_tiles)
 
-    def _finish(self, output: SampleOutput, output_type: str) -> PipelineOutput:
-        images = self.decode(output.tokens)
-        return PipelineOutput(images=to_pil(images) if output_type == "pil" else images, tokens=output.tokens.cpu(),
-                              steps_taken=output.steps_taken.cpu(), trajectory=output.trajectory)
+    def _finish(self, output: SampleOutput, output_type: str,
+                paste: Callable[[Tensor], Tensor] | None = None) -> PipelineOutput:
+        """Decode (unless ``output_type`` is "latent"), apply ``paste`` to the decoded images, and format."""
+        images = None
+        if output_type != "latent":
+            images = self.decode(output.tokens)
+            images = format_images(images if paste is None else paste(images), output_type)
+        return PipelineOutput(images=images, tokens=output.tokens.cpu(), steps_taken=output.steps_taken.cpu(),
+                              trajectory=output.trajectory)
 
     def __call__(self, num_images: int = 1, *, class_labels: Sequence[int | str] | int | str | None = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
@@ -326,6 +364,7 @@ class SundaePipeline:
         """
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}")
+        check_output_type(output_type)
         output = self._sample(SamplingOptions(**options), num_samples=num_images,
                               grid_shape=grid_shape or tuple(self.prior.config.latent_shape),
                               class_labels=self._labels(class_labels, num_images),
@@ -347,16 +386,16 @@ class SundaePipeline:
                          class_labels, output_type: str, pixels: Tensor, pixel_mask: Tensor, paste_back: bool,
                          options: dict[str, Any], callback: Callable | None = None) -> PipelineOutput:
         """Sample with ``token_mask`` free and everything else pinned; optionally paste known pixels back."""
+        check_output_type(output_type)
         num_images = seeds.shape[0]
         tokens = tokens.expand(num_images, -1, -1)
         output = self._sample(SamplingOptions(**{**INPAINT_DEFAULTS, **options}), tokens=tokens,
                               randomize_mask=randomize.expand_as(tokens), keep_mask=~token_mask.expand_as(tokens),
                               class_labels=self._labels(class_labels, num_images), seeds=seeds, callback=callback)
-        images = self.decode(output.tokens)
-        if paste_back:
-            images = torch.where(pixel_mask.to(images.device), images, pixels.to(images.device).expand_as(images))
-        return PipelineOutput(images=to_pil(images) if output_type == "pil" else images, tokens=output.tokens.cpu(),
-                              steps_taken=output.steps_taken.cpu())
+        def paste(images: Tensor) -> Tensor:
+            return torch.where(pixel_mask.to(images.device), images, pixels.to(images.device).expand_as(images))
+
+        return self._finish(output, output_type, paste if paste_back else None)
 
     def _prepare_mask(self, image: ImageInput, mask: ImageInput, rule: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pixels, tokens = self.encode(image)

@@ -452,13 +452,13 @@ class VQGAN(nn.Module, PretrainedMixin):
     @classmethod
     def from_taming(
         cls, checkpoint_path: str | os.PathLike, config_path: str | os.PathLike | None = None,
-        preset: str | None = None,
+        preset: str | None = None, resolution: int | None = None,
     ) -> VQGAN:
         """Load a public taming-transformers / latent-diffusion ``.ckpt``; see
         :func:`sundae.tokenizer.taming.load_taming_vqgan`."""
         from sundae.tokenizer.taming import load_taming_vqgan  # taming.py imports this module
 
-        return load_taming_vqgan(checkpoint_path, config_path=config_path, preset=preset)
+        return load_taming_vqgan(checkpoint_path, config_path=config_path, preset=preset, resolution=resolution)
 
 
 def decode_in_tiles(tokenizer: nn.Module, tokens: Tensor, *, tiles: int | None, overlap: int = 2) -> Tensor:

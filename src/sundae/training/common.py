@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from torch import nn
 
-from sundae.checkpoint import CheckpointError, atomic_path, load_training_state, read_json, save_training_state
+from sundae.checkpoint import CheckpointError, atomic_path, read_json, save_training_state
 from sundae.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -356,6 +356,8 @@ def recover_interrupted_checkpoint(target: Path) -> None:
     if not target.exists() and old.exists():
         os.replace(old, target)
         log.warning("restored %s from an interrupted checkpoint swap", target)
+    elif old.exists():  # killed while deleting the previous copy, after the new one was in place
+        shutil.rmtree(old)
 
 
 def write_training_state(directory: Path, state: dict[str, Any]) -> None:
@@ -363,7 +365,14 @@ def write_training_state(directory: Path, state: dict[str, Any]) -> None:
 
 
 def read_training_state(directory: Path) -> dict[str, Any]:
+    """The optimizer / EMA / step state, read with the bounded loader of :mod:`sundae.tokenizer.taming`
+    (no code runs, no allocation beyond the file's size) and checked to be a state dict."""
+    from sundae.tokenizer.taming import read_checkpoint_payload
+
     path = directory / TRAINING_STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} holds no {TRAINING_STATE_FILE}: it is not a resumable checkpoint")
-    return load_training_state(path)
+    state = read_checkpoint_payload(path)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path} is not a training state (a dict with a \"step\"); the checkpoint is damaged")
+    return state

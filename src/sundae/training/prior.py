@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sundae.checkpoint import CheckpointError, load_weights, read_json
 from sundae.config import ConfigBase, ConfigError, HourglassConfig
+from sundae.data.images import DatasetError
 from sundae.denoiser import Hourglass
 from sundae.runtime import PRECISION_CHOICES, autocast, resolve_training_precision
 from sundae.sundae import sundae_loss
@@ -251,6 +252,9 @@ class PriorCheckpointer:
         if not self.checkpoint_dir.exists():
             return 0
         saved = read_json(self.checkpoint_dir / "config.json")
+        if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict) or "config" not in saved:
+            raise CheckpointError(f"{self.checkpoint_dir / 'config.json'} is not a prior checkpoint's config (it needs "
+                                  "\"config\" and \"data\" objects); use a new --output-dir")
         check_same_data(saved["data"], self.identity, self.checkpoint_dir)
         if HourglassConfig.from_dict(saved["config"]) != model.config:
             raise CheckpointError(
@@ -310,6 +314,10 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
     output_dir = Path(config.output_dir)
     dataset = open_token_dataset(config.data, "train")
     validation = open_token_dataset(config.data, "validation")
+    for split, rows in (("train", dataset), ("validation", validation)):
+        if len(rows) == 0:  # found before any step runs, not after the last one
+            raise DatasetError(f"{config.data} has no {split} rows; encode more images or a larger "
+                               "--validation-fraction (sundae encode)")
     model_config = model_config_for(dataset, config)
     torch.manual_seed(config.seed)
     model = Hourglass(model_config).to(context.device)

@@ -72,8 +72,12 @@ class TokenizerTrainingConfig(ConfigBase):
     device: str | None = None
     precision: str = "auto"  # autocast dtype of the step: auto (bf16 where native), float32, bfloat16
     allow_changed_settings: bool = False  # resume even if settings that change the run differ from the checkpoint's
+    init_from: str | None = None  # a tokenizer directory whose weights the run starts from
+    decoder_only: bool = False  # train the decoder only: the codes (encoder, codebook) stay exactly as they are
 
     def validate(self) -> None:
+        if self.decoder_only and self.init_from is None:
+            raise ConfigError("decoder_only fine-tunes a trained tokenizer: give init_from (--init-from DIR)")
         if self.precision not in PRECISION_CHOICES:
             raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         for name in ("steps", "batch_size", "log_every", "image_every", "checkpoint_every"):
@@ -224,6 +228,25 @@ def reconstruction_metrics(vqgan: VQGAN, images: Tensor) -> dict[str, float]:
     return {"l1": l1, "psnr": psnr, "perplexity": output.perplexity.item(), "codebook_usage": output.codebook_usage.item()}
 
 
+def start_from(vqgan: VQGAN, directory: Path) -> None:
+    """Initialise ``vqgan`` from a saved tokenizer of the same configuration."""
+    saved = VQGAN.from_pretrained(directory)
+    if saved.config != vqgan.config:
+        raise ConfigError(f"--init-from {directory} holds a tokenizer of another configuration than the one requested; "
+                          "use the same --preset and model options")
+    vqgan.load_state_dict(saved.state_dict())
+
+
+def decoder_parameters(vqgan: VQGAN) -> list[nn.Parameter]:
+    """Freeze the encoder, ``quant_conv`` and codebook and return the decoder path's parameters.
+
+    Fine-tuning only the decoder after the prior was trained sharpens reconstructions without
+    changing a single code, so latents and prior stay valid (a common VQ-GAN second stage)."""
+    for module in (vqgan.encoder, vqgan.quant_conv, vqgan.quantize):
+        module.requires_grad_(False)
+    return [*vqgan.post_quant_conv.parameters(), *vqgan.decoder.parameters()]
+
+
 def default_discriminator_start(steps: int) -> int:
     """The GAN term starts after 3/4 of the run, at most at Table 4's step 15 000, so that a short
     run still trains its adversarial phase (a fixed 15 000 never switched it on in 300 steps)."""
@@ -283,13 +306,16 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Trai
     dataset = ImageFolder(config.images, resolution=model_config.resolution, channels=model_config.in_channels)
     torch.manual_seed(config.seed)
     vqgan = VQGAN(model_config).to(context.device)
+    if config.init_from is not None:
+        start_from(vqgan, Path(config.init_from))
+    trained = decoder_parameters(vqgan) if config.decoder_only else list(vqgan.parameters())
     discriminator = PatchDiscriminator(DiscriminatorConfig.from_dict(
         {"in_channels": model_config.out_channels, **config.discriminator})).to(context.device)
     perceptual = build_perceptual_loss(loss_config).to(context.device)
     compute_dtype = resolve_training_precision(config.precision, context.device)
     fused = context.device.type == "cuda"
     optimizers = {
-        "generator": torch.optim.AdamW(vqgan.parameters(), lr=config.learning_rate, betas=config.betas,
+        "generator": torch.optim.AdamW(trained, lr=config.learning_rate, betas=config.betas,
                                        weight_decay=config.weight_decay, fused=fused),
         "discriminator": torch.optim.AdamW(discriminator.parameters(), lr=config.learning_rate, betas=config.betas,
                                            weight_decay=config.weight_decay, fused=fused),
@@ -299,7 +325,7 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Trai
     if context.is_main:
         remove_orphan_temporaries(output_dir)
     reviver = None
-    if config.revive_dead_codes_every is not None and model_config.quantizer == "vq":
+    if config.revive_dead_codes_every is not None and model_config.quantizer == "vq" and not config.decoder_only:
         reviver = DeadCodeReviver(model_config.codebook_size, config.revive_dead_codes_every)
     start_step = checkpointer.restore(vqgan, discriminator, optimizers, reviver)
     end_step = config.steps if config.stop_after_steps is None else min(config.steps, start_step + config.stop_after_steps)
@@ -346,7 +372,7 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Trai
                                            config=loss_config)
         optimizers["generator"].zero_grad(set_to_none=True)
         loss.backward()
-        metrics["generator_grad_norm"] = torch.nn.utils.clip_grad_norm_(vqgan.parameters(), config.grad_clip)
+        metrics["generator_grad_norm"] = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
         optimizers["generator"].step()
 
         if step >= loss_config.discriminator_start:
