@@ -226,3 +226,12 @@ def test_evaluate_on_the_shipped_default_with_its_dataset_extractor(tmp_path):
     report = json.loads(out.read_text())
     assert report["extractor"].startswith("classifier:") and report["model"].startswith("default@sha256:")
     assert report["num_fake"] == 10 and report["metrics"]["fid"] > 0
+
+
+def test_shipped_models_by_name(tmp_path):
+    listed = run("models")
+    assert listed.exit_code == 0 and listed.output.startswith("fashion-mnist (default): Fashion-MNIST")
+    result = run("sample", "--model", "fashion-mnist", "--out", tmp_path / "s.png", "-n", 1, "--steps", 2)
+    assert result.exit_code == 0, result.output
+    unknown = CliRunner().invoke(main, ["sample", "--model", "no-such-model", "--out", str(tmp_path / "x.png")])
+    assert unknown.exit_code == 2 and "shipped: fashion-mnist" in unknown.output

@@ -281,7 +281,7 @@ def test_vqmodel_checkpoint_matches_taming_reference(tmp_path, zip_format: bool)
     path = tmp_path / "last.ckpt"
     torch.save(lightning_payload(with_loss_weights(state), marker), path, _use_new_zipfile_serialization=zip_format)
 
-    model = VQGAN.from_taming(path)
+    model = load_taming_vqgan(path)
     assert not marker.exists()
     config = model.config
     assert (config.channels, config.channel_multipliers, config.num_res_blocks) == (32, (1, 2, 2), 1)
@@ -299,7 +299,7 @@ def test_net2net_first_stage_is_extracted(tmp_path) -> None:
     net2net["cond_stage_model.embedding.weight"] = torch.randn(10, 16)
     path = tmp_path / "ffhq.ckpt"
     torch.save(lightning_payload(net2net, tmp_path / MARKER_NAME), path)
-    assert_matches_reference(VQGAN.from_taming(path), state, VQ_LAYOUT)
+    assert_matches_reference(load_taming_vqgan(path), state, VQ_LAYOUT)
 
 
 def test_gumbel_checkpoint_matches_taming_reference(tmp_path) -> None:
@@ -347,14 +347,14 @@ model:
     lossconfig:
       target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
 """)
-    model = VQGAN.from_taming(path, config_path=config_path)
+    model = load_taming_vqgan(path, config_path=config_path)
     assert (model.config.resolution, model.config.attention_resolutions) == (32, (8,))
     assert_matches_reference(model, state, VQ_LAYOUT)
 
     wrong = write_yaml(tmp_path / "wrong.yaml", config_path.read_text().replace("n_embed: 256", "n_embed: 512"))
     mismatch = r"quantize\.embedding\.weight: checkpoint \(256, 32\) vs model \(512, 32\)"
     with pytest.raises(CheckpointError, match=mismatch):
-        VQGAN.from_taming(path, config_path=wrong)
+        load_taming_vqgan(path, config_path=wrong)
 
 
 def test_net2net_yaml_with_gumbel_first_stage(tmp_path) -> None:
@@ -374,7 +374,7 @@ model:
         n_embed: 128
 {ddconfig}
 """)
-    model = VQGAN.from_taming(path, config_path=config_path)
+    model = load_taming_vqgan(path, config_path=config_path)
     assert (model.config.quantizer, model.config.attention_resolutions) == ("gumbel", (16,))
     assert_matches_reference(model, state, GUMBEL_LAYOUT)
 
@@ -383,15 +383,15 @@ def test_preset_is_honoured_and_mismatches_are_listed(tmp_path) -> None:
     state = random_taming_state(VQ_LAYOUT)
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": state}, path)
-    assert_matches_reference(VQGAN.from_taming(path, preset="tiny-f4"), state, VQ_LAYOUT)
+    assert_matches_reference(load_taming_vqgan(path, preset="tiny-f4"), state, VQ_LAYOUT)
     del state["decoder.conv_out.bias"]
     state["quantize.unexpected"] = torch.zeros(1)
     torch.save(state, path)  # a flat dict of tensors is accepted too
     listed = r"missing \(1\): decoder\.conv_out\.bias[\s\S]*unexpected \(1\): quantize\.unexpected"
     with pytest.raises(CheckpointError, match=listed):
-        VQGAN.from_taming(path, preset="tiny-f4")
+        load_taming_vqgan(path, preset="tiny-f4")
     with pytest.raises(ConfigError, match="one of config_path, preset or resolution"):
-        VQGAN.from_taming(path, config_path=tmp_path / "x.yaml", preset="tiny-f4")
+        load_taming_vqgan(path, config_path=tmp_path / "x.yaml", preset="tiny-f4")
 
 
 def test_convert_taming_writes_a_pretrained_directory(tmp_path) -> None:
@@ -440,7 +440,7 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path, gadget, 
     else:
         torch.save({"state_dict": random_taming_state(VQ_LAYOUT), "callbacks": gadget(marker)}, path)
     with pytest.raises(UnsafeCheckpointError, match=r"refusing to load: .*(system|exec)"):
-        VQGAN.from_taming(path)
+        load_taming_vqgan(path)
     assert not marker.exists()
 
 

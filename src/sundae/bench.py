@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -63,6 +64,9 @@ MATMUL_REPEATS = 10
 MATMUL_MIN_SECONDS = 0.05  # per timed matmul measurement
 # how the CPU's OpenMP threads wait: on a shared machine spin-waiting collapses small parallel ops
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+
+
+log = logging.getLogger(__name__)
 
 
 class BenchmarkError(InputError):
@@ -326,6 +330,7 @@ def benchmark_batch(*, prior: Hourglass, compile_mode: str | None, tokenizer: VQ
     sampling arithmetic, and timing the forward apart would cost a second compilation.
     """
     config = prior.config
+    log.info("bench: batch %d, %d steps, %d warm-up + %d timed runs ...", batch, steps, warmup, repeats)
     time_forward = compile_mode is None
     grid = tuple(config.latent_shape)
     labels = _class_labels(config, batch, device)

@@ -21,8 +21,8 @@ import click
 
 from sundae.config import INPAINT_DEFAULTS, SamplingOptions
 from sundae.errors import InputError
+from sundae.models import DEFAULT_MODEL, SHIPPED_MODELS, model_directory
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
 # What a user can get wrong: the library's InputError (configs, checkpoints, datasets, options) and missing paths.
 USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -196,8 +196,9 @@ def model_argument(*, positional: bool) -> Callable:
                 _fail(f"two models given ({model_positional} and --model {model_option}); give one")
             return function(*args, model_dir=model_positional or model_option, **kwargs)
 
-        merged = click.option("--model", "model_option", default=None, metavar="DIR",
-                              help="Model directory (default: the shipped Fashion-MNIST model).")(merged)
+        merged = click.option("--model", "model_option", default=None, metavar="NAME|DIR",
+                              help="A shipped model's name (`sundae models`) or a model directory "
+                                   f"(default: {DEFAULT_MODEL}).")(merged)
         if positional:
             merged = click.argument("model_positional", metavar="[MODEL]", required=False)(merged)
         return merged
@@ -209,9 +210,7 @@ def load_pipeline(model_dir: str | None, device: str | None, **runtime: Any):
     """The pipeline in ``model_dir`` (default: the shipped model); ``runtime``: the RUNTIME_OPTIONS values."""
     from sundae.pipeline import SundaePipeline
 
-    directory = Path(model_dir) if model_dir else DEFAULT_MODEL
-    if not directory.exists():
-        _fail(f"model directory {directory} does not exist")
+    directory = model_directory(model_dir)
     if runtime.get("compile"):
         click.echo("--compile: the first step compiles the sampling step (a minute or two; once more when "
                    "finished samples first leave the batch)", err=True)
@@ -441,6 +440,16 @@ def serve(model_dir: str | None, host: str, port: int, output_dir: str | None, d
                max_canvas_scale=max_canvas_scale)
 
 
+@main.command()
+def models() -> None:
+    """List the models that ship inside the package (name, dataset, licence, resolution, size)."""
+    for model in SHIPPED_MODELS.values():
+        size = sum(path.stat().st_size for path in model.directory.rglob("*.safetensors")) / 1e6
+        default = " (default)" if model.name == DEFAULT_MODEL else ""
+        click.echo(f"{model.name}{default}: {model.dataset}; {model.resolution}; licence {model.licence}; "
+                   f"{size:.1f} MB; {model.directory}")
+
+
 # --- evaluation ------------------------------------------------------------------------------
 
 DEFAULT_CLASSIFIER = Path(__file__).parent / "assets" / "fashion-mnist-classifier"
@@ -497,7 +506,7 @@ def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: s
         report = evaluate_model(pipe, real_images=real, extractor=features, num_samples=num_samples,
                                 sampling_options=options, seed=seed, batch_size=batch_size, progress=True,
                                 nearest_k=nearest_k, cache_dir=cache_dir,
-                                model_id=pipeline_identity(Path(model_dir) if model_dir else DEFAULT_MODEL))
+                                model_id=pipeline_identity(model_directory(model_dir)))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     metrics = report["metrics"]
@@ -534,7 +543,7 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
     results = run_sweep(pipe, real, build_extractor(extractor, extractor_path, batch_size, device),
                         parameter=parameter, values=points, num_samples=num_samples, base_options=options, seed=seed,
                         batch_size=batch_size, cache_dir=cache_dir, nearest_k=nearest_k, progress=True,
-                        model_id=pipeline_identity(Path(model_dir) if model_dir else DEFAULT_MODEL))
+                        model_id=pipeline_identity(model_directory(model_dir)))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
     write_sweep(results, out_dir / "sweep.csv", out_dir / "sweep.png")

@@ -25,6 +25,7 @@ from sundae.checkpoint import CheckpointError, read_json
 from sundae.config import INPAINT_DEFAULTS
 from sundae.denoiser import Hourglass
 from sundae.errors import InputError
+from sundae.models import model_directory
 from sundae.sampler import SampleOutput, SamplingOptions, sample, seeds_from_generator, uniform_noise
 from sundae.runtime import autocast, cast_decoder, cast_linear_weights, resolve_device, resolve_precision
 from sundae.tokenizer.pixels import PixelTokenizer
@@ -254,8 +255,9 @@ class SundaePipeline:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
                         **runtime: Any) -> "SundaePipeline":
-        """Load a pipeline directory; ``runtime``: ``precision``, ``compile``, ``decode_tiles`` (see the class)."""
-        directory = Path(directory)
+        """Load a pipeline directory, or a shipped model by name (:mod:`sundae.models`); ``runtime``:
+        ``precision``, ``compile``, ``decode_tiles`` (see the class)."""
+        directory = model_directory(directory)
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory} is not a sundae model directory (no config.json)")
         device = resolve_device(device)

@@ -45,11 +45,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from torch import nn
 
-from sundae.app import operations
+import sundae.app.operations as operations
 from sundae.app.validation import (DEFAULT_MAX_CANVAS_SCALE, MAX_IMAGES, MAX_JSON_DEPTH, MAX_STEPS, OPERATIONS,
                                    CanvasLimit, RequestError, describe_fields, operation_fields, read_request)
 from sundae.app.worker import Event, Job, ModelWorker
 from sundae.checkpoint import CheckpointError, read_json
+from sundae.models import model_directory
 from sundae.pipeline import SundaePipeline
 from sundae.tokenizer.pixels import PixelTokenizer
 
@@ -254,11 +255,7 @@ def model_name(directory: Path) -> str:
 def load_pipeline(model_dir: str | os.PathLike | None, device: str | None = None,
                   precision: str = "auto") -> SundaePipeline:
     """The model in ``model_dir``, or the shipped default model, named by :func:`model_name`."""
-    from sundae.cli import DEFAULT_MODEL  # the CLI imports this module lazily, so no import cycle
-
-    directory = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist; give a SundaePipeline directory")
+    directory = model_directory(model_dir)
     pipeline = SundaePipeline.from_pretrained(directory, device=device, precision=precision)
     pipeline.name = model_name(directory)
     return pipeline

@@ -449,17 +449,6 @@ class VQGAN(nn.Module, PretrainedMixin):
                 f"[{int(indices.min())}, {int(indices.max())}]; were they made with a different codebook?"
             )
 
-    @classmethod
-    def from_taming(
-        cls, checkpoint_path: str | os.PathLike, config_path: str | os.PathLike | None = None,
-        preset: str | None = None, resolution: int | None = None,
-    ) -> VQGAN:
-        """Load a public taming-transformers / latent-diffusion ``.ckpt``; see
-        :func:`sundae.tokenizer.taming.load_taming_vqgan`."""
-        from sundae.tokenizer.taming import load_taming_vqgan  # taming.py imports this module
-
-        return load_taming_vqgan(checkpoint_path, config_path=config_path, preset=preset, resolution=resolution)
-
 
 def decode_in_tiles(tokenizer: nn.Module, tokens: Tensor, *, tiles: int | None, overlap: int = 2) -> Tensor:
     """Decode ``tokens`` (B, h, w) as ``tiles × tiles`` pieces, each with ``overlap`` tokens of context

