@@ -41,6 +41,14 @@ stage prior sundae train "$run/latents" -o "$run/prior-run" --preset fashion-mni
 rm -rf src/sundae/assets/default
 mkdir -p src/sundae/assets
 cp -r "$run/prior-run/model" src/sundae/assets/default
+python - <<'PY'  # show the dataset's own class names ("T-shirt/top"), not its folder names ("0_t-shirt-top")
+import json
+from sundae.data.mnist import load_pixel_archive
+path = "src/sundae/assets/default/config.json"
+payload = json.load(open(path))
+payload["data"]["class_names"] = [str(name) for name in load_pixel_archive("data/fashion-mnist.npz").class_names]
+json.dump(payload, open(path, "w"), indent=2, sort_keys=True)
+PY
 du -sh src/sundae/assets/default
 
 # 6. quality figures (classifier features, 10 000 held-out images, 2 000 class-balanced samples)

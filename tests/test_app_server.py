@@ -30,6 +30,7 @@ from sundae.app.server import allowed_hosts_for, model_name
 from sundae.app.validation import MAX_INTEGER_DIGITS, MAX_JSON_DEPTH
 from sundae.app.worker import Job, ModelWorker
 from sundae.config import HourglassConfig
+from sundae.errors import InputError
 from sundae.denoiser import Hourglass
 from sundae.pipeline import SundaePipeline
 from sundae.tokenizer.pixels import PixelTokenizer
@@ -640,5 +641,5 @@ def test_serve_binds_loopback_unless_asked_and_names_a_missing_model(tmp_path, m
     assert allowed_hosts_for("127.0.0.1") == ["127.0.0.1", "localhost"]
     assert allowed_hosts_for("10.0.0.7") == ["127.0.0.1", "localhost", "10.0.0.7"]
     assert allowed_hosts_for("0.0.0.0") == ["*"]
-    with pytest.raises(FileNotFoundError, match="missing does not exist"):
+    with pytest.raises(InputError, match="missing does not exist"):
         serve(tmp_path / "missing")

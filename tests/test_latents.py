@@ -28,6 +28,7 @@ TOKENIZER_ID = {"path": "/models/fake", "sha256": "a" * 64}
 class FakeConfig:
     downsample_factor: int
     codebook_size: int
+    in_channels: int = 3
 
 
 class LeftHalfTokenizer:

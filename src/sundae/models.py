@@ -43,8 +43,8 @@ def model_directory(name_or_path: str | os.PathLike | None) -> Path:
         return SHIPPED_MODELS[name_or_path].directory
     path = Path(name_or_path)
     if not path.is_dir():
-        raise InputError(f"{path} is neither a model directory nor a shipped model (shipped: "
-                         f"{', '.join(SHIPPED_MODELS)}; `sundae models` lists them)")
+        raise InputError(f"model directory {path} does not exist, and it is not a shipped model's name either "
+                         f"(shipped: {', '.join(SHIPPED_MODELS)}; `sundae models` lists them)")
     return path
 
 

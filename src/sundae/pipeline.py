@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from sundae.checkpoint import CheckpointError, read_json
 from sundae.config import INPAINT_DEFAULTS
 from sundae.denoiser import Hourglass
+from sundae.data.images import loose_class_name
 from sundae.errors import InputError
 from sundae.models import model_directory
 from sundae.sampler import SampleOutput, SamplingOptions, sample, seeds_from_generator, uniform_noise
@@ -206,15 +207,6 @@ def token_mask_from_pixels(pixel_mask: Tensor, factor: int, rule: str = "any") -
     return patches.any(dim=(1, 3)) if rule == "any" else patches.all(dim=(1, 3))
 
 
-def _loose_name(name: str) -> str:
-    """A class name without case, a leading "<index>_" folder prefix, or punctuation."""
-    name = name.lower()
-    head, _, tail = name.partition("_")
-    if head.isdigit() and tail:
-        name = tail
-    return "".join(character for character in name if character.isalnum())
-
-
 class SundaePipeline:
     """Sampling, inpainting, outpainting and refinement with a prior and its tokenizer.
 
@@ -311,10 +303,10 @@ class SundaePipeline:
             names = self.class_names or []
             if label in names:
                 return names.index(label)
-            loose = [_loose_name(name) for name in names]  # "Trouser" finds "1_trouser" or "trouser"
-            if _loose_name(label) not in loose:
+            loose = [loose_class_name(name) for name in names]  # "Trouser" finds "1_trouser" or "trouser"
+            if loose_class_name(label) not in loose:
                 raise InputError(f"unknown class {label!r}; known classes: {', '.join(names)}")
-            return loose.index(_loose_name(label))
+            return loose.index(loose_class_name(label))
         index = int(label)
         if not 0 <= index < num_classes:
             raise InputError(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")

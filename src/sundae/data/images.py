@@ -141,6 +141,16 @@ def list_images(root: Path, extensions: tuple[str, ...]) -> list[Path]:
     return sorted(found, key=lambda relative: relative.as_posix())
 
 
+def loose_class_name(name: str) -> str:
+    """A class name without case, a leading "<index>_" folder prefix, or punctuation: "1_trouser",
+    "Trouser" and "trouser" are one class; so are "0_t-shirt-top" and "T-shirt/top"."""
+    name = name.lower()
+    head, _, tail = name.partition("_")
+    if head.isdigit() and tail:
+        name = tail
+    return "".join(character for character in name if character.isalnum())
+
+
 class ImageFolder(Dataset):
     """Images under ``root`` as ((3, H, W) float tensors in [-1, 1], label) pairs.
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sundae.checkpoint import WEIGHTS_NAME, atomic_path
-from sundae.data.images import tensor_to_uint8
+from sundae.data.images import loose_class_name, tensor_to_uint8
 from sundae.data.latents import sha256_file
 from sundae.errors import InputError
 from sundae.eval.classifier import SmallClassifier
@@ -144,7 +144,8 @@ class ClassifierFeatures(BatchedExtractor):
         """Refuse, before any work, a model whose classes or images (C, H, W) are not the classifier's."""
         if image_shape is not None:
             self._check_shape(image_shape)
-        if class_names and self.class_names and list(class_names) != list(self.class_names):
+        if class_names and self.class_names and \
+                [loose_class_name(name) for name in class_names] != [loose_class_name(name) for name in self.class_names]:
             raise FeatureExtractorError(
                 f"the classifier extractor was trained on {self._domain()}, but the model's classes are "
                 f"{', '.join(class_names[:4])}, ...: use --extractor inception, or train a classifier on your data "

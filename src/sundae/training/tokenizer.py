@@ -264,6 +264,7 @@ def measure_reconstructions(vqgan: VQGAN, folder: ImageFolder, *, limit: int, ba
     step = max(1, len(folder) // max(1, min(limit, len(folder))))
     positions = list(range(0, len(folder), step))[:limit]
     totals: dict[str, float] = {"l1": 0.0, "psnr": 0.0}
+    shown = set(positions[:: max(1, len(positions) // 16)][:16])  # the grid: an even spread, every class
     codes, grid, count, unreadable = [], [], 0, []
     with tqdm(total=len(positions), unit="image", desc="reconstruct", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(positions), batch_size):
@@ -271,6 +272,8 @@ def measure_reconstructions(vqgan: VQGAN, folder: ImageFolder, *, limit: int, ba
             for position in positions[start:start + batch_size]:
                 try:
                     batch.append(folder.load(position))
+                    if position in shown:
+                        grid.append(batch[-1])
                 except UnreadableImageError as error:
                     unreadable.append(folder.relative_paths[position])
                     log.warning("skipping unreadable image %s", error)
@@ -283,7 +286,6 @@ def measure_reconstructions(vqgan: VQGAN, folder: ImageFolder, *, limit: int, ba
                 totals[name] += measured[name] * len(images)
             count += len(images)
             codes.append(vqgan.encode(images).cpu())
-            grid += batch[: max(0, 16 - len(grid))]
     if not count:
         raise DatasetError(f"none of the {len(positions)} images tried under {folder.root} could be read")
     perplexity, usage = codebook_statistics(torch.cat(codes), vqgan.config.codebook_size)
