@@ -36,7 +36,6 @@ from sundae.errors import InputError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-TRAINING_STATE_NAME = "training_state.pt"
 CONTENT_HASH_KEY = "sundae.content_sha256"  # safetensors metadata entry written by save_weights
 MAX_JSON_BYTES = 16 * 2**20  # a config.json is a few KB; refuse to read more than this
 
@@ -259,8 +258,3 @@ class PretrainedMixin:
         model = cls(config)  # type: ignore[call-arg]
         load_weights(model, weights)  # type: ignore[arg-type]
         return model.to(map_location)  # type: ignore[attr-defined,return-value]
-
-
-def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)

@@ -168,10 +168,12 @@ FLAG_NAMES = {"steps": "--steps", "temperature": "--temperature", "end_temperatu
               "min_steps": "--min-steps", "class_labels": "--classes", "temperatures": "--temperature/--end-temperature"}
 
 
+FLAG_NAME_PATTERN = re.compile(r"(?<![\w-])(" + "|".join(sorted(FLAG_NAMES, key=len, reverse=True)) + r")(?![\w-])")
+
+
 def in_flag_names(message: str) -> str:
     """``top_p must be in (0, 1]`` -> ``--top-p must be in (0, 1]``."""
-    pattern = re.compile(r"(?<![\w-])(" + "|".join(sorted(FLAG_NAMES, key=len, reverse=True)) + r")(?![\w-])")
-    return pattern.sub(lambda match: FLAG_NAMES[match.group(1)], message)
+    return FLAG_NAME_PATTERN.sub(lambda match: FLAG_NAMES[match.group(1)], message)
 
 
 def split_sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from torch import nn
 
-from sundae.checkpoint import CheckpointError, atomic_path, read_json, save_training_state
+from sundae.checkpoint import CheckpointError, atomic_path, read_json
 from sundae.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,8 @@ def recover_interrupted_checkpoint(target: Path) -> None:
 
 
 def write_training_state(directory: Path, state: dict[str, Any]) -> None:
-    save_training_state(directory / TRAINING_STATE_FILE, state)
+    with atomic_path(directory / TRAINING_STATE_FILE) as tmp:
+        torch.save(state, tmp)
 
 
 def read_training_state(directory: Path) -> dict[str, Any]:

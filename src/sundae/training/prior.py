@@ -398,17 +398,21 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
                 bar.set_postfix(loss=f"{values['train/loss']:.3f}",
                                 samples_per_s=f"{values['train/samples_per_second']:.0f}")
             running, running_count = {}, 0
-        if done % config.eval_every == 0 or done == config.steps:
+        evaluating = done % config.eval_every == 0 or done == config.steps
+        sampling = context.is_main and (done % config.sample_every == 0 or done == config.steps)
+        # the EMA weights are what ships: measure them too (one copy of them per step that needs it)
+        ema_model = _ema_model(model, ema) if ema is not None and (evaluating or sampling) else None
+        if evaluating:
             metrics_logger.log(done, validation_loss(model, validation, config, context, compute_dtype),
                                prefix="validation/")
-            if ema is not None:  # the EMA weights are what ships: measure them too
-                metrics_logger.log(done, validation_loss(_ema_model(model, ema), validation, config, context,
-                                                         compute_dtype), prefix="validation_ema/")
-        if context.is_main and (done % config.sample_every == 0 or done == config.steps):
+            if ema_model is not None:
+                metrics_logger.log(done, validation_loss(ema_model, validation, config, context, compute_dtype),
+                                   prefix="validation_ema/")
+        if sampling:
             path = save_sample_grid(model, dataset, config, done, context.device, name="raw")
             log.info("samples at step %d (raw weights): %s", done, path)
-            if ema is not None:
-                path = save_sample_grid(_ema_model(model, ema), dataset, config, done, context.device, name="ema")
+            if ema_model is not None:
+                path = save_sample_grid(ema_model, dataset, config, done, context.device, name="ema")
                 log.info("samples at step %d (EMA weights): %s", done, path)
         if done % config.checkpoint_every == 0 or done == end_step:
             if context.is_main:
