@@ -1452,7 +1452,7 @@ def build_model_dir_payloads(directory: Path, quick: bool) -> list[Payload]:
                                     ["serve", "--model", str(target), "--port", str(free_port()), "--device", "cpu"],
                                     None, in_quick or not quick))
 
-    def config_edit(changes: dict[str, Any] | None = None, top: dict[str, Any] | None = None, sub: str = "",
+    def config_edit(changes: dict[str, Any] | None = None, top: dict[str, Any] | None = None, sub: str = "prior",
                     drop: str | None = None) -> Callable[[Path], None]:
         def edit(target: Path) -> None:
             path = target / sub / "config.json"
@@ -1494,15 +1494,15 @@ def build_model_dir_payloads(directory: Path, quick: bool) -> list[Payload]:
     variant('"data": {"class_names": 5}', config_edit(top={"data": {"class_names": 5}}), in_quick=True)
     variant('"data": {"class_names": [1, 2, 3]}', config_edit(top={"data": {"class_names": [1, 2, 3]}}))
     variant('"data": {"codebook_size": "16"}', config_edit(top={"data": {"codebook_size": "16"}}), in_quick=True)
-    variant("config.json is [1, 2, 3]", write("config.json", "[1, 2, 3]"))
-    variant("config.json invalid JSON", write("config.json", '{"class": "Hourglass", "config": {'), in_quick=True)
-    variant("config.json 100k-deep nesting", write("config.json", "[" * 100_000 + "]" * 100_000), in_quick=True)
-    variant("config.json 5000-digit int", write("config.json", '{"class": "Hourglass", "config": {"dim": 1'
+    variant("config.json is [1, 2, 3]", write("prior/config.json", "[1, 2, 3]"))
+    variant("config.json invalid JSON", write("prior/config.json", '{"class": "Hourglass", "config": {'), in_quick=True)
+    variant("config.json 100k-deep nesting", write("prior/config.json", "[" * 100_000 + "]" * 100_000), in_quick=True)
+    variant("config.json 5000-digit int", write("prior/config.json", '{"class": "Hourglass", "config": {"dim": 1'
                                                 + "0" * 5000 + "}}"))
-    variant("config.json non-UTF-8", write("config.json", b"\xff\xfe\x00garbage"))
+    variant("config.json non-UTF-8", write("prior/config.json", b"\xff\xfe\x00garbage"))
 
     def sparse(target: Path) -> None:
-        with open(target / "config.json", "wb") as handle:
+        with open(target / "prior" / "config.json", "wb") as handle:
             handle.truncate(64 * 2**20)
     variant("config.json 64 MB (sparse)", sparse, in_quick=True)
 
@@ -1518,12 +1518,12 @@ def build_model_dir_payloads(directory: Path, quick: bool) -> list[Payload]:
                 path.mkdir()
         return edit
 
-    variant("config.json is a FIFO", special("config.json", "fifo"), in_quick=True)
-    variant("config.json -> /dev/zero", special("config.json", "zero"))
-    variant("config.json is a folder", special("config.json", "dir"))
-    variant("model.safetensors is a FIFO", special("model.safetensors", "fifo"), in_quick=True)
-    variant("model.safetensors -> /dev/zero", special("model.safetensors", "zero"), in_quick=True)
-    variant("model.safetensors missing", special("model.safetensors", "missing"))
+    variant("config.json is a FIFO", special("prior/config.json", "fifo"), in_quick=True)
+    variant("config.json -> /dev/zero", special("prior/config.json", "zero"))
+    variant("config.json is a folder", special("prior/config.json", "dir"))
+    variant("model.safetensors is a FIFO", special("prior/model.safetensors", "fifo"), in_quick=True)
+    variant("model.safetensors -> /dev/zero", special("prior/model.safetensors", "zero"), in_quick=True)
+    variant("model.safetensors missing", special("prior/model.safetensors", "missing"))
     variant("tokenizer/model.safetensors missing", special("tokenizer/model.safetensors", "missing"))
     tokenizer_changes = {'"channels": "32"': {"channels": "32"}, '"codebook_size": 10**12': {"codebook_size": 10**12},
                          '"channel_multipliers": [1, 2.5]': {"channel_multipliers": [1, 2.5]},
@@ -1534,8 +1534,22 @@ def build_model_dir_payloads(directory: Path, quick: bool) -> list[Payload]:
     for name, changes in tokenizer_changes.items():
         variant(f"tokenizer config {name}", config_edit(changes, sub="tokenizer"), in_quick=name in quick_tokenizer)
     variant('tokenizer "config": null', config_edit(top={"config": None}, sub="tokenizer"))
+    variant('scheduler "steps": 0', config_edit({"steps": 0}, sub="scheduler"), in_quick=True)
+    variant('scheduler "top_p": "high"', config_edit({"top_p": "high"}, sub="scheduler"))
+    variant("scheduler config.json invalid JSON", write("scheduler/config.json", "{"))
+    variant('model_index.json "format_version": 99',
+            write("model_index.json", '{"format": "sundae-model", "format_version": 99, "kind": "sundae-pipeline"}'))
+    variant("model_index.json missing", special("model_index.json", "missing"), in_quick=True)
 
-    weights = base / "model.safetensors"
+    def old_layout(target: Path) -> None:  # the prior's files at the top, as before model_index.json
+        for name in ("config.json", "model.safetensors"):
+            os.replace(target / "prior" / name, target / name)
+        for stale in ("prior", "scheduler"):
+            shutil.rmtree(target / stale)
+        (target / "model_index.json").unlink()
+    variant("a model directory in the old layout", old_layout, in_quick=True)
+
+    weights = base / "prior" / "model.safetensors"
     data = weights.read_bytes()
     header_length = struct.unpack("<Q", data[:8])[0]
 
@@ -1581,30 +1595,30 @@ def build_model_dir_payloads(directory: Path, quick: bool) -> list[Payload]:
         entry = header[first_tensor(header)]
         entry["data_offsets"] = [0, 2**62]
 
-    variant("prior weights: one flipped bit in the data", mutate("model.safetensors", flip(1000)), in_quick=True)
+    variant("prior weights: one flipped bit in the data", mutate("prior/model.safetensors", flip(1000)), in_quick=True)
     variant("prior weights: flipped bit in the last tensor",
-            mutate("model.safetensors", lambda raw: flip(len(raw) - 9 - header_length)(raw)))
+            mutate("prior/model.safetensors", lambda raw: flip(len(raw) - 9 - header_length)(raw)))
     variant("tokenizer weights: one flipped bit", mutate("tokenizer/model.safetensors", flip(500)), in_quick=True)
-    variant("prior weights: header byte flipped", mutate("model.safetensors",
+    variant("prior weights: header byte flipped", mutate("prior/model.safetensors",
                                                          lambda raw: raw[:20] + bytes([raw[20] ^ 0x55]) + raw[21:]),
             in_quick=True)
-    variant("prior weights: truncated to half", mutate("model.safetensors", lambda raw: raw[: len(raw) // 2]),
+    variant("prior weights: truncated to half", mutate("prior/model.safetensors", lambda raw: raw[: len(raw) // 2]),
             in_quick=True, serve=True)
-    variant("prior weights: empty", write("model.safetensors", b""))
-    variant("prior weights: random bytes", write("model.safetensors", random.Random(3).randbytes(4096)))
-    variant("prior weights: header length 2^60", mutate("model.safetensors",
+    variant("prior weights: empty", write("prior/model.safetensors", b""))
+    variant("prior weights: random bytes", write("prior/model.safetensors", random.Random(3).randbytes(4096)))
+    variant("prior weights: header length 2^60", mutate("prior/model.safetensors",
                                                         lambda raw: struct.pack("<Q", 2**60) + raw[8:]), in_quick=True)
-    variant("prior weights: header length past the end", mutate("model.safetensors",
+    variant("prior weights: header length past the end", mutate("prior/model.safetensors",
                                                                 lambda raw: struct.pack("<Q", len(raw)) + raw[8:]))
-    variant("prior weights: a tensor claims 10^12 elements", mutate("model.safetensors", header_edit(grow)),
+    variant("prior weights: a tensor claims 10^12 elements", mutate("prior/model.safetensors", header_edit(grow)),
             in_quick=True)
-    variant("prior weights: offsets to 2^62", mutate("model.safetensors", header_edit(no_hash_offsets)))
-    variant("prior weights: a tensor renamed", mutate("model.safetensors", header_edit(rename)))
-    variant("prior weights: dtype F32 -> F16", mutate("model.safetensors", header_edit(retype)))
-    variant("prior weights: 10 MB of metadata in the header", mutate("model.safetensors", header_edit(
+    variant("prior weights: offsets to 2^62", mutate("prior/model.safetensors", header_edit(no_hash_offsets)))
+    variant("prior weights: a tensor renamed", mutate("prior/model.safetensors", header_edit(rename)))
+    variant("prior weights: dtype F32 -> F16", mutate("prior/model.safetensors", header_edit(retype)))
+    variant("prior weights: 10 MB of metadata in the header", mutate("prior/model.safetensors", header_edit(
         lambda header: header.setdefault("__metadata__", {}).update({"pad": "x" * (10 * 2**20)}))), harmless=True)
     variant("prior weights are the tokenizer's", lambda target: shutil.copy(target / "tokenizer" / "model.safetensors",
-                                                                            target / "model.safetensors"))
+                                                                            target / "prior" / "model.safetensors"))
     return payloads
 
 

@@ -32,15 +32,15 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sundae.bench import (
-    PRESET_TOKENIZERS, build_prior, build_tokenizer, device_facts, load_average, median_seconds, peak_tensor_bytes,
-    result_filename, run_benchmark, time_call, track_peak_memory, write_json,
-)
 from sundae.config import HOURGLASS_PRESETS, VQGAN_PRESETS, preset
 from sundae.pipeline import SundaePipeline
 from sundae.runtime import autocast, resolve_device, resolve_precision
 from sundae.sampler import SamplingOptions, sample
+from sundae.speed import PRESET_TOKENIZERS, build_prior, build_tokenizer, median_seconds, time_call
 from sundae.tokenizer import decode_in_tiles
+from speed import (  # benchmarks/speed.py, beside this script
+    device_facts, load_average, peak_tensor_bytes, result_filename, run_benchmark, track_peak_memory, write_json,
+)
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "src" / "sundae" / "assets" / "default"
 
@@ -93,7 +93,7 @@ def decode_knob(prior_preset: str, *, device: torch.device, dtype: torch.dtype, 
 
 def step_memory(prior_preset: str, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Peak live-tensor bytes of one sampling step at batch 1 (weights included): the prior's share
-    of accelerator memory, measurable on any device (:func:`sundae.bench.peak_tensor_bytes`)."""
+    of accelerator memory, measurable on any device (:func:`speed.peak_tensor_bytes`)."""
     prior = build_prior(preset(prior_preset, HOURGLASS_PRESETS), device, dtype)
     config = prior.config
     labels = None if config.num_classes is None else torch.zeros(1, dtype=torch.long, device=device)

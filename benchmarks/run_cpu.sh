@@ -14,14 +14,6 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" STEPS="${STEPS:-100}" REPEA
 presets=("$@")
 if [ ${#presets[@]} -eq 0 ]; then presets=(ffhq256 ffhq1024); fi
 for preset in "${presets[@]}"; do
-    PRESET="$preset" python - <<'PY'
-import os
-
-from sundae.bench import result_filename, run_benchmark, write_json
-
-result = run_benchmark(preset=os.environ["PRESET"], steps=int(os.environ["STEPS"]), batch_sizes=(1,), device="cpu",
-                       repeats=int(os.environ["REPEATS"]), warmup=1)
-path = write_json(result, f"benchmarks/results/{result_filename(result, os.environ['SUFFIX'] or None)}")
-print(f"{path}: {result['summary']}", flush=True)
-PY
+    python benchmarks/speed.py --preset "$preset" --steps "$STEPS" --batch-sizes 1 --device cpu --repeats "$REPEATS" \
+        --warmup 1 ${SUFFIX:+--suffix "$SUFFIX"}
 done

@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 export REPEATS="${1:-5}"
 python - <<'PY'
 import os
+import sys
 
-from sundae.bench import result_filename, run_benchmark, write_json
+sys.path.insert(0, "benchmarks")
+from speed import result_filename, run_benchmark, write_json
 
 repeats = int(os.environ["REPEATS"])
 runs = [  # preset, batch sizes, knobs, file suffix

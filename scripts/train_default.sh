@@ -37,17 +37,22 @@ stage prior sundae train "$run/latents" -o "$run/prior-run" --preset fashion-mni
   --head-dim 64 --depth 2,4,2 --steps 2200 --batch-size 128 --lr 1e-3 --warmup-steps 200 --ema-decay 0.999 \
   --log-every 50 --eval-every 400 --eval-batches 8 --sample-every 800 --checkpoint-every 200
 
-# 5. ship: the exported prior (EMA weights) with its tokenizer inside
+# 5. ship: the exported model directory (prior with EMA weights, its tokenizer, the default scheduler)
 rm -rf src/sundae/assets/default
 mkdir -p src/sundae/assets
 cp -r "$run/prior-run/model" src/sundae/assets/default
 python - <<'PY'  # show the dataset's own class names ("T-shirt/top"), not its folder names ("0_t-shirt-top")
 import json
 from sundae.data.mnist import load_pixel_archive
-path = "src/sundae/assets/default/config.json"
+path = "src/sundae/assets/default/prior/config.json"
 payload = json.load(open(path))
 payload["data"]["class_names"] = [str(name) for name in load_pixel_archive("data/fashion-mnist.npz").class_names]
 json.dump(payload, open(path, "w"), indent=2, sort_keys=True)
+# the sampling defaults chosen from the sweeps (README "Sampling defaults"): classifier-free guidance 1.5
+path = "src/sundae/assets/default/scheduler/config.json"
+payload = json.load(open(path))
+payload["config"]["guidance_scale"] = 1.5
+json.dump(payload, open(path, "w"), indent=2)
 PY
 du -sh src/sundae/assets/default
 

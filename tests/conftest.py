@@ -33,8 +33,9 @@ def pixel_npz(tmp_path: Path) -> Path:
     return write_pixel_npz(tmp_path / "pixels.npz")
 
 
-def build_tiny_pipeline(directory: Path, *, num_classes: int | None = 3):
-    """A random two-stage pipeline: VQ-GAN with f=2 on 16x16 RGB images, 8x8 tokens of 16 codes."""
+def build_tiny_pipeline(directory: Path, *, num_classes: int | None = 3, sampling_defaults=None):
+    """A random two-stage pipeline: VQ-GAN with f=2 on 16x16 RGB images, 8x8 tokens of 16 codes;
+    ``sampling_defaults`` (a SamplingOptions) is its scheduler (default: the library's defaults)."""
     from sundae.config import HourglassConfig, VQGANConfig
     from sundae.denoiser import Hourglass
     from sundae.pipeline import SundaePipeline
@@ -46,10 +47,38 @@ def build_tiny_pipeline(directory: Path, *, num_classes: int | None = 3):
     prior = Hourglass(HourglassConfig(codebook_size=16, dim=32, depth=(1, 1, 1), heads=2, head_dim=16,
                                       latent_shape=(8, 8), num_classes=num_classes))
     names = None if num_classes is None else [f"class{c}" for c in range(num_classes)]
-    SundaePipeline(prior, tokenizer, class_names=names).save_pretrained(directory)
-    return directory
+    pipeline = SundaePipeline(prior, tokenizer, class_names=names, sampling_defaults=sampling_defaults)
+    return pipeline.save_pretrained(directory)
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline") / "model")
+
+
+# The sampling defaults of `scheduled_pipeline_dir`, not the library's: 7 steps, every one run, a cooler end,
+# and guidance (which only a call with a class uses).
+SCHEDULED = {"steps": 7, "early_stop": False, "end_temperature": 0.5, "guidance_scale": 2.0}
+
+
+@pytest.fixture(scope="session")
+def scheduled_pipeline_dir(tmp_path_factory) -> Path:
+    """The tiny pipeline, whose scheduler/ says SCHEDULED: what sampling with no options must use."""
+    from sundae.config import SamplingOptions
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("scheduled") / "model",
+                               sampling_defaults=SamplingOptions(**SCHEDULED))
+
+
+@pytest.fixture
+def old_layout_dir(tiny_pipeline_dir, tmp_path) -> Path:
+    """The tiny pipeline as the old layout wrote it: the prior's config.json + model.safetensors at the top
+    and the tokenizer in tokenizer/, no model_index.json and no scheduler."""
+    import shutil
+
+    target = tmp_path / "old-model"
+    target.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(tiny_pipeline_dir / "prior" / name, target / name)
+    shutil.copytree(tiny_pipeline_dir / "tokenizer", target / "tokenizer")
+    return target

@@ -29,7 +29,7 @@ from sundae.app import BackgroundServer, create_app, load_pipeline, serve
 from sundae.app.server import allowed_hosts_for, model_name
 from sundae.app.validation import MAX_INTEGER_DIGITS, MAX_JSON_DEPTH
 from sundae.app.worker import Job, ModelWorker
-from sundae.config import HourglassConfig
+from sundae.config import HourglassConfig, SamplingOptions
 from sundae.errors import InputError
 from sundae.denoiser import Hourglass
 from sundae.pipeline import SundaePipeline
@@ -300,7 +300,7 @@ def test_favicon_model_names_and_the_outpaint_default(client, tmp_path):
                                      ("run-b/model", {"name": "Fashion prior"}, "Fashion prior")]:
         directory = tmp_path / folder
         directory.mkdir(parents=True)
-        (directory / "config.json").write_text(json.dumps(config))
+        (directory / "model_index.json").write_text(json.dumps(config))
         assert model_name(directory) == expected
 
 
@@ -553,6 +553,53 @@ def test_inpaint_refine_outpaint_match_the_pipeline_and_keep_known_pixels(client
     assert extended.shape == (10, 12) and np.array_equal(extended[2:, :8], image)
 
 
+@pytest.fixture(scope="module")
+def scheduled_served(scheduled_pipeline_dir):
+    pipeline = load_pipeline(scheduled_pipeline_dir, device="cpu")
+    with BackgroundServer(create_app(pipeline)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client, pipeline
+
+
+def test_the_forms_take_the_models_scheduler_and_a_request_without_knobs_samples_as_the_pipeline(scheduled_served):
+    client, pipeline = scheduled_served
+    forms = {kind: {field["name"]: field for field in fields}
+             for kind, fields in client.get("/api/info").json()["operations"].items()}
+    knobs = [name for name, knob in SamplingOptions.knobs().items() if knob.form]
+    assert all(name in form for form in forms.values() for name in knobs)  # every knob, from the one definition
+    generate = forms["generate"]
+    assert [generate[name]["default"] for name in ("steps", "end_temperature", "early_stop", "guidance_scale")] \
+        == [7, 0.5, False, 2.0]
+    assert generate["top_k"]["default"] is None and generate["top_k"]["placeholder"] == "off"
+    assert generate["temperature_schedule"]["choices"] == ["linear", "cosine"]
+    for kind in ("inpaint", "refine", "outpaint"):  # the model's steps, the low edit temperature on top
+        assert [forms[kind][name]["default"] for name in ("steps", "temperature", "end_temperature")] == [7, 0.4, 0.4]
+
+    done = events_of(client.post("/api/generate", json={"num_images": 2, "seed": 5}))[-1]
+    expected = pipeline(2, seed=5)
+    assert done["steps_taken"] == expected.steps_taken.tolist() == [7, 7]
+    assert [decode_data_url(url).tolist() for url in done["images"]] == \
+        [np.asarray(i).tolist() for i in expected.images]
+    # with a class the model's guidance applies (without one it cannot, as in the pipeline)
+    guided = events_of(client.post("/api/generate", json={"num_images": 2, "seed": 5, "class_label": "class1"}))[-1]
+    assert [decode_data_url(url).tolist() for url in guided["images"]] == \
+        [np.asarray(i).tolist() for i in pipeline(2, seed=5, class_labels="class1").images]
+    flagged = events_of(client.post("/api/generate", json={"num_images": 2, "seed": 5, "steps": 3, "top_k": 4}))[-1]
+    expected = pipeline(2, seed=5, steps=3, top_k=4)
+    assert flagged["steps_taken"] == [3, 3]
+    assert [decode_data_url(url).tolist() for url in flagged["images"]] == \
+        [np.asarray(i).tolist() for i in expected.images]
+
+    image = np.asarray(pipeline(1, seed=9).images[0])
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:10, 4:12] = 255
+    filled = events_of(client.post("/api/inpaint", json={"image": png_data_url(image), "mask": png_data_url(mask),
+                                                          "num_images": 2, "seed": 7}))[-1]
+    expected = pipeline.inpaint(image, mask > 0, num_images=2, seed=7)
+    assert filled["steps_taken"] == [7, 7]
+    assert [decode_data_url(url).tolist() for url in filled["images"]] == \
+        [np.asarray(i).tolist() for i in expected.images]
+
+
 # --- cancellation -------------------------------------------------------------------------------
 
 
@@ -574,6 +621,28 @@ def test_a_disconnected_client_stops_its_sampling(served):
     finally:
         counter.remove()
     assert events_of(client.post("/api/generate", json={"seed": 2, **FAST}))[-1]["event"] == "done"
+
+
+def test_a_disconnected_client_stops_its_inpainting_through_the_step_callback(served):
+    """The prior carries no cancellation hooks: the sampler's step callback sees the flag and stops."""
+    client, pipeline, app, root = served
+    wait_until_idle(app)
+    assert not any(module is pipeline.prior for module in app.state.worker.modules)  # no hook stops it
+    saved = set(root.rglob("*"))
+    counter = ForwardCounter(pipeline.prior)
+    counter.delay = 0.005
+    mask = png_data_url(np.full((8, 8), 255, np.uint8))
+    try:
+        with client.stream("POST", "/api/inpaint", json={"image": png_data_url(sample_image(pipeline)), "mask": mask,
+                                                          "steps": 1000, "early_stop": False}) as response:
+            for line in response.iter_lines():
+                if json.loads(line)["event"] == "started":
+                    break
+        wait_until_idle(app, timeout=10)
+        assert 0 <= counter.count < 200, f"the cancelled job ran {counter.count} of 1000 steps"
+    finally:
+        counter.remove()
+    assert set(root.rglob("*")) == saved  # a cancelled job saves nothing
 
 
 def test_a_cancelled_job_stops_at_the_next_forward_and_a_queued_one_never_runs(pipeline):

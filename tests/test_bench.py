@@ -1,21 +1,24 @@
-"""The speed benchmark: the benchmarked loop samples exactly what the plain loop samples, FLOPs are
-counted as in closed form (CPU attention included), and the reported rates and fractions agree
-with each other."""
+"""The speed harness (benchmarks/speed.py): the benchmarked loop samples exactly what the plain loop
+samples, FLOPs are counted as in closed form (CPU attention included), and the reported rates and
+fractions agree with each other."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sundae.bench import (
-    benchmark_sampling_options, compile_mode_for, count_flops, measure_matmul_rate, peak_tensor_bytes,
-    result_filename, run_benchmark, write_json,
-)
 from sundae.config import HOURGLASS_PRESETS
 from sundae.denoiser import Hourglass
 from sundae.sampler import SamplingOptions, sample
+from sundae.speed import benchmark_sampling_options, compile_mode_for
+from sundae.training.throughput import count_flops, measure_matmul_rate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # the harness is no package
+from speed import peak_tensor_bytes, result_filename, run_benchmark, write_json  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from sundae.cli import main
+from sundae.cli import FLAG_NAMES, main
 
 
 @pytest.fixture
@@ -235,3 +236,81 @@ def test_shipped_models_by_name(tmp_path):
     assert result.exit_code == 0, result.output
     unknown = CliRunner().invoke(main, ["sample", "--model", "no-such-model", "--out", str(tmp_path / "x.png")])
     assert unknown.exit_code == 2 and "shipped: fashion-mnist" in unknown.output
+
+
+# --- the model directory and its scheduler defaults ---------------------------------------------
+
+
+def file_bytes(folder) -> dict:
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_convert_model_moves_the_old_layout_to_the_new_one_bit_for_bit(old_layout_dir, scheduled_pipeline_dir,
+                                                                      tmp_path):
+    import torch
+
+    from sundae.checkpoint import CONTENT_HASH_KEY, content_hash, read_weights, read_weights_header
+    from sundae.config import SamplingOptions
+    from sundae.pipeline import SundaePipeline, load_components
+
+    before = file_bytes(old_layout_dir)
+    refused = CliRunner().invoke(main, ["sample", str(old_layout_dir), "--out", str(tmp_path / "x.png")])
+    assert refused.exit_code == 2
+    assert f"convert it with `sundae convert-model {old_layout_dir} NEW_DIR`" in refused.output
+    new = tmp_path / "new"
+    converted = run("convert-model", old_layout_dir, new)
+    assert converted.exit_code == 0 and f"wrote {new}" in converted.output
+    assert file_bytes(old_layout_dir) == before  # never modified
+    for old, moved in (("model.safetensors", "prior/model.safetensors"),
+                       ("tokenizer/model.safetensors", "tokenizer/model.safetensors"),
+                       ("config.json", "prior/config.json")):
+        assert (new / moved).read_bytes() == before[Path(old)], moved
+    for part in ("prior", "tokenizer"):  # the content hash in the metadata still matches the tensors
+        _, metadata = read_weights_header(new / part / "model.safetensors")
+        assert metadata[CONTENT_HASH_KEY] == content_hash(read_weights(new / part / "model.safetensors"))
+    # the converted model samples exactly as the old one, loaded by the converter's own loader
+    prior, tokenizer, data = load_components(old_layout_dir, old_layout_dir / "tokenizer", "cpu")
+    old = SundaePipeline(prior, tokenizer, class_names=data["class_names"])
+    pipe = SundaePipeline.from_pretrained(new, device="cpu")
+    a, b = pipe(3, seed=4, class_labels=[0, 1, 2], output_type="pt"), old(3, seed=4, class_labels=[0, 1, 2],
+                                                                          output_type="pt")
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
+    assert pipe.sampling_defaults == SamplingOptions() and pipe.class_names == ["class0", "class1", "class2"]
+    again = CliRunner().invoke(main, ["convert-model", str(old_layout_dir), str(new)])
+    assert again.exit_code == 2 and "not empty" in again.output
+    scheduler = scheduled_pipeline_dir / "scheduler" / "config.json"
+    tuned = run("convert-model", old_layout_dir, tmp_path / "tuned", "--scheduler-from", scheduler)
+    assert tuned.exit_code == 0, tuned.output
+    assert SundaePipeline.from_pretrained(tmp_path / "tuned").sampling_defaults.steps == 7
+
+
+def test_no_flags_sample_with_the_models_scheduler_and_flags_override(scheduled_pipeline_dir, image_path, tmp_path):
+    from sundae.config import SamplingOptions
+    from sundae.pipeline import SundaePipeline, box_mask
+
+    pipe = SundaePipeline.from_pretrained(scheduled_pipeline_dir, device="cpu")
+
+    def cli_images(*args) -> tuple[str, list[np.ndarray]]:
+        folder = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        result = run(*args, "--out", folder / "grid.png", "--per-image-dir", folder)
+        assert result.exit_code == 0, result.output
+        return result.output, [np.asarray(Image.open(path)) for path in sorted(folder.glob("0*.png"))]
+
+    expected = pipe(3, seed=5)  # no options: the scheduler's 7 steps, none stopping early
+    output, images = cli_images("sample", scheduled_pipeline_dir, "-n", 3, "--seed", 5)
+    assert expected.steps_taken.tolist() == [7, 7, 7] and "steps taken: mean 7.0, min 7, max 7" in output
+    assert [image.tolist() for image in images] == [np.asarray(image).tolist() for image in expected.images]
+    output, images = cli_images("sample", scheduled_pipeline_dir, "-n", 3, "--seed", 5, "--steps", 3)
+    assert "min 3, max 3" in output
+    overridden = pipe(3, seed=5, steps=3).images
+    assert [image.tolist() for image in images] == [np.asarray(image).tolist() for image in overridden]
+    # an edit: the model's steps with the low edit temperature, as the pipeline's inpaint
+    output, images = cli_images("inpaint", image_path, "--box", "0,0,8,8", "--model", scheduled_pipeline_dir, "-n", 2)
+    fills = pipe.inpaint(image_path, box_mask((16, 16), (0, 0, 8, 8)), num_images=2, seed=0)
+    assert "steps taken [7, 7]" in output
+    assert [image.tolist() for image in images] == [np.asarray(image).tolist() for image in fills.images]
+    # every knob is a flag, built from SamplingOptions, whose help names where its default comes from
+    help_text = " ".join(run("sample", "--help").output.split())
+    assert all(FLAG_NAMES[name] in help_text for name in SamplingOptions.knobs())
+    assert "Sampling steps T. [default: (the model's scheduler/config.json)]" in help_text
+    assert "[default: (0.4: edits sample cold, §3.6)]" in " ".join(run("refine", "--help").output.split())

@@ -197,7 +197,8 @@ def test_evaluate_reports_everything_and_matches_a_direct_computation(pipeline, 
     assert report["num_real"] == 60 and report["num_fake"] == 24 and report["nearest_k"] == 5
     assert report["sample_seeds"] == {"first": 7, "last": 30} and report["class_labels"] == "balanced"
     assert report["sampling_options"]["steps"] == 2 and report["sampling_options"]["end_temperature"] == 0.6
-    assert set(report["timings"]) == {"sampling_seconds", "features_seconds", "metrics_seconds", "images_per_second"}
+    assert set(report["timings"]) == {"sampling_seconds", "features_seconds", "metrics_seconds", "images_per_second",
+                                      "processes"}
     assert report["seed"] == 7
     assert 1 <= report["mean_steps_taken"] <= 2
     assert set(report["metrics"]) == {"fid", "fid_infinity", "fid_infinity_points", "precision", "recall", "density",

@@ -13,10 +13,10 @@ SOURCE = Path(__file__).resolve().parent.parent / "src"
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
     ["sundae", "sundae.errors", "sundae.config"],
-    ["sundae.checkpoint", "sundae.runtime", "sundae.models"],
+    ["sundae.checkpoint", "sundae.runtime", "sundae.distributed", "sundae.models"],
     ["sundae.data", "sundae.tokenizer", "sundae.denoiser", "sundae.eval.metrics", "sundae.eval.classifier"],
     ["sundae.sundae", "sundae.sampler"],
-    ["sundae.pipeline", "sundae.video", "sundae.bench", "sundae.eval"],
+    ["sundae.pipeline", "sundae.video", "sundae.speed", "sundae.eval"],
     ["sundae.training"],
     ["sundae.cli", "sundae.app"],
 ]

@@ -12,7 +12,8 @@ from torch import nn
 from sundae.checkpoint import CheckpointError
 from sundae.config import HourglassConfig, VQGANConfig
 from sundae.denoiser import Hourglass
-from sundae.pipeline import TOKENIZER_SUBDIR, SundaePipeline, box_mask, token_mask_from_pixels
+from sundae.errors import InputError
+from sundae.pipeline import PRIOR_SUBDIR, TOKENIZER_SUBDIR, SundaePipeline, box_mask, token_mask_from_pixels
 from sundae.tokenizer import VQGAN
 
 
@@ -128,7 +129,7 @@ def test_decode_tiles_and_runtime_options_are_checked(tiny_pipeline_dir, monkeyp
 
 
 def weight_files(directory) -> dict[str, dict[str, torch.Tensor]]:
-    return {"prior": load_file(directory / "model.safetensors"),
+    return {"prior": load_file(directory / PRIOR_SUBDIR / "model.safetensors"),
             "tokenizer": load_file(directory / TOKENIZER_SUBDIR / "model.safetensors")}
 
 
@@ -198,7 +199,94 @@ def test_a_model_whose_data_section_has_wrong_types_is_refused(tiny_pipeline_dir
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_pipeline_dir, broken)
-    payload = json.loads((broken / "config.json").read_text())
-    (broken / "config.json").write_text(json.dumps({**payload, "data": data}))
+    payload = json.loads((broken / "prior" / "config.json").read_text())
+    (broken / "prior" / "config.json").write_text(json.dumps({**payload, "data": data}))
     with pytest.raises(CheckpointError, match=message):
         SundaePipeline.from_pretrained(broken)
+
+
+# --- the model directory: model_index.json, prior/, tokenizer/, scheduler/ ------------------------
+
+
+def test_save_and_load_round_trip_the_scheduler_defaults(pipe, tmp_path):
+    import json
+
+    import sundae
+    from sundae.config import SamplingOptions
+
+    chosen = SamplingOptions(steps=7, end_temperature=0.45, top_k=5, early_stop=False, min_steps=2)
+    SundaePipeline(pipe.master_prior, pipe.master_tokenizer, class_names=pipe.class_names,
+                   sampling_defaults=chosen).save_pretrained(tmp_path / "tuned")
+    index = json.loads((tmp_path / "tuned" / "model_index.json").read_text())
+    assert index == {"format": "sundae-model", "format_version": 1, "kind": "sundae-pipeline",
+                     "library_version": sundae.__version__,
+                     "components": {"prior": "Hourglass", "tokenizer": "VQGAN", "scheduler": "SamplingOptions"}}
+    scheduler = json.loads((tmp_path / "tuned" / "scheduler" / "config.json").read_text())
+    assert scheduler == {"class": "SamplingOptions", "config": chosen.to_dict()}  # every field, defaults too
+    assert len(scheduler["config"]) == 13 and scheduler["config"]["top_p"] is None
+    loaded = SundaePipeline.from_pretrained(tmp_path / "tuned", device="cpu")
+    assert loaded.sampling_defaults == chosen
+    assert loaded.sampling_options(edit=True) == chosen.replace(temperature=0.4, end_temperature=0.4)
+    assert loaded.sampling_options(edit=True, temperature=0.9).temperature == 0.9  # explicit beats the edit default
+    # no options: the model's 7 steps (none stops early); given ones override
+    assert loaded(2, seed=1, output_type="latent").steps_taken.tolist() == [7, 7]
+    assert loaded(2, seed=1, steps=3, output_type="latent").steps_taken.tolist() == [3, 3]
+    same = pipe(2, seed=1, output_type="latent", **chosen.to_dict())
+    assert torch.equal(loaded(2, seed=1, output_type="latent").tokens, same.tokens)
+    with pytest.raises(InputError, match="unknown field"):
+        loaded(1, stepz=3)
+
+
+def test_an_old_layout_directory_is_refused_with_the_command_that_converts_it(old_layout_dir):
+    with pytest.raises(CheckpointError) as refused:
+        SundaePipeline.from_pretrained(old_layout_dir)
+    message = str(refused.value)
+    assert "\n" not in message and "old layout" in message
+    assert f"sundae convert-model {old_layout_dir} NEW_DIR" in message
+
+
+def test_saving_never_replaces_a_folder_of_other_files(pipe, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="holds other files"):
+        pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    pipe.save_pretrained(tmp_path / "model")
+    pipe.save_pretrained(tmp_path / "model")  # a model directory is replaced whole
+    assert sorted(path.name for path in (tmp_path / "model").iterdir()) == \
+        ["model_index.json", "prior", "scheduler", "tokenizer"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: (d / "model_index.json").write_text('{"format": "sundae-model", "format_version": 9, '
+                                                  '"kind": "sundae-pipeline"}'), "format_version 9"),
+    (lambda d: (d / "model_index.json").write_text('{"format": "sundae-model", "format_version": 1, '
+                                                  '"kind": "sundae-pipeline", "components": {"prior": "x"}}'),
+     "components"),
+    (lambda d: (d / "scheduler" / "config.json").write_text('{"class": "SamplingOptions", "config": {"steps": 0}}'),
+     "steps must be >= 1"),
+    (lambda d: (d / "model_index.json").unlink(), "no model_index.json"),
+])
+def test_a_broken_index_or_scheduler_is_one_clear_error(tiny_pipeline_dir, tmp_path, edit, message):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    edit(broken)
+    with pytest.raises(InputError, match=message) as refused:
+        SundaePipeline.from_pretrained(broken)
+    assert "\n" not in str(refused.value)
+
+
+def test_the_models_guidance_applies_to_calls_with_a_class(scheduled_pipeline_dir):
+    pipe = SundaePipeline.from_pretrained(scheduled_pipeline_dir, device="cpu")
+    assert pipe.sampling_defaults.guidance_scale == 2.0
+
+    def tokens(**arguments) -> torch.Tensor:
+        return pipe(2, seed=3, output_type="latent", **arguments).tokens
+
+    assert torch.equal(tokens(), tokens(guidance_scale=1.0))  # no class: nothing to guide
+    guided = tokens(class_labels=[0, 1])
+    assert torch.equal(guided, tokens(class_labels=[0, 1], guidance_scale=2.0))
+    assert not torch.equal(guided, tokens(class_labels=[0, 1], guidance_scale=1.0))
+    with pytest.raises(InputError, match="guidance needs class_labels"):  # asked for, it is refused
+        tokens(guidance_scale=2.0)

@@ -5,8 +5,8 @@ continuations joined, comments dropped, ``&&`` chains split) and becomes one tes
 the command, run in README order with ``bash -c`` in one shared temporary folder that holds what
 a user has after following the README: ``src/`` (linked), ``scripts/`` (copied), the data that
 ``scripts/prepare_mnist.py`` writes (tiny, made by the real converter), ``photo.png``, ``mask.png``,
-``my_images/`` and a taming-format checkpoint. A command fails when it exits non-zero or prints a
-traceback.
+``my_images/``, a taming-format checkpoint and ``old_model/`` (the shipped model in the old layout).
+A command fails when it exits non-zero or prints a traceback.
 
 What is changed before running is all in the tables below and nothing else:
 
@@ -51,6 +51,7 @@ SERVE_TIMEOUT_S = 60
 # The README's stand-ins for the reader's own paths -> what stands for them here.
 PLACEHOLDERS = {
     "MODEL_DIR": "src/sundae/assets/default",
+    "OLD_MODEL_DIR": "old_model",  # the shipped model as the layout before model_index.json held it
     "real_images/": "data/fashion-mnist/validation/",
 }
 
@@ -76,6 +77,8 @@ TINY_FLAGS: list[tuple[str, dict[str, str | None]]] = [
     # the README's presets stay (their names and their unroll T are checked), shrunk by TINY_PRIOR
     ("sundae train runs/latents", {**TINY_PRIOR, "--steps": "2"}),
     ("sundae train data/mnist.npz", {**TINY_PRIOR, "--steps": "2"}),
+    ("torchrun --nproc_per_node=8 -m sundae.cli evaluate", {"--nproc_per_node": "2", "--num-samples": "8",
+                                                         "--steps": "2"}),
     ("torchrun", {"--nproc_per_node": "1", **TINY_PRIOR, "--steps": "2"}),
 ]
 
@@ -256,6 +259,10 @@ def workspace(tmp_path_factory) -> Path:
         sub.mkdir(parents=True, exist_ok=True)
         (image.convert("L") if index % 3 == 0 else image).save(sub / f"{index:02d}.png")
     write_taming_checkpoint(folder / "vqgan_imagenet_f16_1024.ckpt", folder / "model.yaml")
+    shipped = ROOT / "src" / "sundae" / "assets" / "default"  # in the old layout: the prior at the top
+    shutil.copytree(shipped / "tokenizer", folder / "old_model" / "tokenizer")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(shipped / "prior" / name, folder / "old_model" / name)
     return folder
 
 

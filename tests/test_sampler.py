@@ -1,5 +1,6 @@
 """The sampling loop: determinism, per-sample seeds, self-stopping, batch shrinking, keep-masks,
-schedules and classifier-free guidance (paper §3.4, §3.6)."""
+schedules, classifier-free guidance (paper §3.4, §3.6), the step callback, and the integer random
+numbers that replaced float64 without changing a token."""
 
 from types import SimpleNamespace
 
@@ -11,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sundae.config import ConfigError, HOURGLASS_PRESETS
 from sundae.denoiser import Hourglass
 from sundae.sampler import (
-    _STREAM_INIT, _STREAM_UPDATE, SamplingOptions, categorical_from_uniform, filter_logits, rows_to_keep, sample,
-    step_function, uniform_noise,
+    _STREAM_INIT, _STREAM_UPDATE, SamplingOptions, SamplingRun, bits_below, categorical_from_uniform, filter_logits,
+    random_bits, rows_to_keep, sample, step_function, uniform_float, uniform_index,
 )
 
 
@@ -55,13 +56,12 @@ class EchoDenoiser(nn.Module):
 
 def start_noise(seeds: list[int], grid: tuple[int, int], codebook_size: int) -> torch.Tensor:
     """The uniform tokens (B, h, w) the sampler draws for randomized positions (its init stream)."""
-    uniform = uniform_noise(torch.tensor(seeds), -1, _STREAM_INIT, grid)
-    return (uniform * codebook_size).long().clamp(max=codebook_size - 1)
+    return uniform_index(random_bits(torch.tensor(seeds), -1, _STREAM_INIT, grid), codebook_size)
 
 
 def drawn_for_update(seeds: list[int], step_index: int, grid: tuple[int, int], proportion: float) -> torch.Tensor:
     """(B, h, w) bool: the positions that step ``step_index`` (from 0) draws for update (its update stream)."""
-    return uniform_noise(torch.tensor(seeds), step_index, _STREAM_UPDATE, grid) < proportion
+    return random_bits(torch.tensor(seeds), step_index, _STREAM_UPDATE, grid) < bits_below(proportion)
 
 
 @pytest.fixture(scope="module")
@@ -264,11 +264,11 @@ def test_class_labels_steer_the_peaked_model():
 
 def test_noise_is_uniform_and_batch_independent():
     seeds = torch.tensor([3, 4, 5])
-    noise = uniform_noise(seeds, step=2, stream=1, shape=(4000,))
-    assert 0 < float(noise.min()) and float(noise.max()) < 1
+    noise = uniform_float(random_bits(seeds, step=2, stream=1, shape=(4000,)))
+    assert noise.dtype == torch.float32 and 0 < float(noise.min()) and float(noise.max()) < 1
     assert abs(float(noise.mean()) - 0.5) < 0.02 and abs(float(noise.std()) - 12 ** -0.5) < 0.01
-    assert torch.equal(uniform_noise(seeds[1:], 2, 1, (4000,)), noise[1:])
-    assert not torch.equal(uniform_noise(seeds, 3, 1, (4000,)), noise)
+    assert torch.equal(random_bits(seeds[1:], 2, 1, (4000,)), random_bits(seeds, 2, 1, (4000,))[1:])
+    assert not torch.equal(random_bits(seeds, 3, 1, (4000,)), random_bits(seeds, 2, 1, (4000,)))
 
 
 def _lowbias32(x: int) -> int:
@@ -282,15 +282,14 @@ def _lowbias32(x: int) -> int:
 def test_noise_equals_the_counter_hash_computed_in_plain_python():
     """The device computation (precomputed position hashes, 16-bit split multiplies) is the hash itself."""
     seeds = [7, 2**40 + 3, 2**62 - 1]
-    noise = uniform_noise(torch.tensor(seeds), step=5, stream=2, shape=(3, 4))
+    bits = random_bits(torch.tensor(seeds), step=5, stream=2, shape=(3, 4))
     for row, seed in enumerate(seeds):
         key = _lowbias32(_lowbias32(seed & 0xFFFFFFFF) ^ (seed >> 32))
         key = _lowbias32(key ^ _lowbias32((5 + 1) * 0x9E37 + 2 * 0x85EB))
         for index in range(12):
             bits_a = _lowbias32(key ^ _lowbias32(2 * index))
             bits_b = _lowbias32(bits_a ^ _lowbias32(2 * index + 1))
-            expected = ((bits_a >> 8) * 2**24 + (bits_b >> 8) + 0.5) / 2**48
-            assert noise[row].flatten()[index].item() == expected
+            assert bits[row].flatten()[index].item() == (bits_a >> 8) * 2**24 + (bits_b >> 8)
 
 
 def test_compaction_keeps_active_rows_first_and_buckets_to_powers_of_two():
@@ -311,7 +310,7 @@ def test_unknown_compile_mode_is_rejected():
 
 def test_inverse_cdf_draws_match_the_distribution():
     probabilities = torch.tensor([0.1, 0.6, 0.3])
-    uniform = uniform_noise(torch.tensor([1]), 0, 0, (50_000,))[0]
+    uniform = uniform_float(random_bits(torch.tensor([1]), 0, 0, (50_000,))[0])
     draws = categorical_from_uniform(probabilities.log().expand(50_000, 3), uniform)
     assert torch.allclose(torch.bincount(draws, minlength=3) / 50_000., probabilities, atol=0.01)
 
@@ -341,3 +340,161 @@ def test_bad_inputs_are_rejected(tiny_model):
     unconditional = Hourglass(HOURGLASS_PRESETS["tiny"])
     with pytest.raises(ValueError, match="unconditional"):
         sample(unconditional, num_samples=1, grid_shape=(8, 8), class_labels=torch.tensor([0]), seeds=[0])
+
+
+# --- unchanged by the move from float64 to integer random numbers ------------------------------
+
+
+class MixingDenoiser(nn.Module):
+    """Logits that favour a target token per position (and class) plus a pull from the neighbours'
+    tokens, in exact float32 arithmetic: no weights to initialise, so recorded samples stay valid."""
+
+    def __init__(self, codebook_size: int = 13, num_classes: int = 3) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(codebook_size=codebook_size, num_classes=num_classes, null_class=num_classes)
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens, class_labels=None):
+        size = self.config.codebook_size
+        batch, height, width = tokens.shape
+        label = torch.zeros(batch, dtype=torch.long) if class_labels is None else class_labels
+        target = (torch.arange(height * width).view(1, height, width) * 7 + label.view(-1, 1, 1) * 4) % size
+        context = tokens.roll(1, dims=2) + 2 * tokens.roll(1, dims=1)
+        phase = (context[..., None] * 3 + torch.arange(size) * 5) % size
+        peak = torch.nn.functional.one_hot(target, size).float() * 4.0
+        return peak + phase.float() * (3.0 / size) + self.anchor
+
+
+def recorded_cases() -> dict[str, dict]:
+    keep = (torch.arange(12).view(3, 4) % 3 == 0).expand(3, 3, 4)
+    known = (torch.arange(36).view(3, 3, 4) * 5) % 13
+    refresh = ~keep & (torch.arange(12).view(3, 4) % 2 == 0)
+    noise = {"num_samples": 3, "grid_shape": (3, 4)}
+    return {
+        "defaults": dict(options=SamplingOptions(steps=8), **noise),
+        "schedules": dict(options=SamplingOptions(steps=10, proportion=0.5, end_proportion=0.9,
+                                                  proportion_schedule="cosine", temperature_schedule="cosine",
+                                                  top_k=5, min_steps=3, compaction_interval=3), **noise),
+        "guidance": dict(options=SamplingOptions(steps=7, guidance_scale=2.5, top_p=0.8, early_stop=False),
+                         class_labels=torch.tensor([0, 2, 1]), **noise),
+        "inpaint": dict(options=SamplingOptions(steps=6, temperature=0.4, end_temperature=0.4), tokens=known,
+                        keep_mask=keep, randomize_mask=~keep),
+        "refine": dict(options=SamplingOptions(steps=6, proportion=0.3), tokens=known, keep_mask=keep,
+                       randomize_mask=refresh, class_labels=torch.tensor([1, 1, 0])),
+    }
+
+
+# Tokens (base 13, flattened (3, 3, 4)) and steps taken, as the float64 sampler drew them for seeds
+# [0, 7, 2**62 - 1]: recorded by running it before it was replaced.
+RECORDED = {
+    "defaults": ("0718293a4b580758293a4b5c0c18293a4b5c", [8, 8, 6]),
+    "schedules": ("0718293a4b5c0718297a4c5c0718c93a4b5c", [7, 5, 10]),
+    "guidance": ("0718293a4b5c8293a4b5c6074b5c60718293", [7, 7, 7]),
+    "inpaint": ("0712294a465c871a29ca415c3715297a49bc", [3, 3, 4]),
+    "refine": ("0b52604186938b1a67c1319b3a45227a89cc", [6, 4, 6]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECORDED))
+def test_samples_equal_those_of_the_float64_sampler(case):
+    result = sample(MixingDenoiser(), seeds=[0, 7, 2**62 - 1], **recorded_cases()[case])
+    digits, steps_taken = RECORDED[case]
+    assert "".join("0123456789abc"[token] for token in result.tokens.flatten().tolist()) == digits
+    assert result.steps_taken.tolist() == steps_taken
+
+
+def float64_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """The uniform numbers as the float64 sampler computed them from the same 48 bits."""
+    return ((bits >> 24).double() * 2.0**24 + (bits & 0xFFFFFF).double() + 0.5) / 2.0**48
+
+
+def test_integer_random_numbers_equal_the_float64_arithmetic_they_replace():
+    bits = torch.randint(0, 2**48, (200_000,), generator=torch.Generator().manual_seed(0))
+    ties = torch.arange(2**23, 2**23 + 5000)  # 2 * bits + 1 has 25 bits: every float32 rounding is a tie
+    for values in (bits, ties, torch.arange(2**48 - 100, 2**48)):
+        assert torch.equal(uniform_float(values), float64_uniform(values).float())
+    for probability in (0.8, 0.3, 1 / 3, 0.55, 1.0, 2.0**-40):
+        threshold = bits_below(probability)
+        near = torch.arange(max(threshold - 20, 0), min(threshold + 20, 2**48))
+        for values in (bits, near):
+            assert torch.equal(values < threshold, float64_uniform(values) < probability), probability
+    rounded_up = 0
+    for size in (13, 1000, 16384, 2**24 - 3):
+        # bits whose u * size falls just below an integer, where the float64 product may round up to it
+        edges = [(((target + 1) << 49) // size + offset - 1) // 2 for target in range(max(size - 200, 0), size)
+                 for offset in (-2, -1, 0, 1)]
+        edges = [value for value in edges if 0 <= value < 2**48]
+        for values in (bits, torch.tensor(edges)):
+            expected = (float64_uniform(values) * size).long().clamp(max=size - 1)
+            assert torch.equal(uniform_index(values, size), expected), size
+            exact = [min((2 * value + 1) * size >> 49, size - 1) for value in values.tolist()]
+            rounded_up += sum(e != x for e, x in zip(exact, expected.tolist()))
+    assert rounded_up > 0  # the emulated float64 rounding was exercised
+
+
+class DtypeRecorder(TorchDispatchMode):
+    """Records the dtype of every tensor an operator returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        results = result if isinstance(result, (tuple, list)) else [result]
+        self.dtypes |= {tensor.dtype for tensor in results if isinstance(tensor, torch.Tensor)}
+        return result
+
+
+def test_sampling_creates_no_float64_tensor(tiny_model):
+    known = torch.randint(0, 64, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+    keep = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+    options = SamplingOptions(steps=4, proportion=0.7, end_proportion=0.3, top_k=20, top_p=0.9, guidance_scale=2.0)
+    with DtypeRecorder() as recorder:
+        sample(tiny_model, options=options, tokens=known, keep_mask=keep, randomize_mask=~keep, seeds=[3, 2**62 - 5],
+               class_labels=torch.tensor([0, 2]), return_trajectory=True, callback=lambda *_: None)
+        sample(tiny_model, options=options, num_samples=2, grid_shape=(8, 8), class_labels=torch.tensor([1, 1]))
+    assert torch.float32 in recorder.dtypes and torch.float64 not in recorder.dtypes
+
+
+# --- the run object and the step callback -------------------------------------------------------------
+
+
+def test_a_run_stepped_by_hand_equals_sample():
+    model, options = MixingDenoiser(), SamplingOptions(steps=9, proportion=0.4, compaction_interval=2)
+    expected = sample(model, options=options, num_samples=4, grid_shape=(3, 4), seeds=[1, 2, 3, 4],
+                      return_trajectory=True)
+    run = SamplingRun(model, options=options, num_samples=4, grid_shape=(3, 4), seeds=[1, 2, 3, 4])
+    frames = []
+    while not run.done:
+        run.step()
+        frames.append(run.current_tokens())
+    output = run.output()
+    assert torch.equal(output.tokens, expected.tokens) and torch.equal(output.steps_taken, expected.steps_taken)
+    assert all(map(torch.equal, frames, expected.trajectory)) and len(frames) == len(expected.trajectory)
+    assert run.finished_samples().tolist() == (expected.steps_taken < options.steps).tolist()
+
+
+def test_callback_frames_are_copies_of_the_tokens_at_each_step():
+    frames = []
+    result = sample(MixingDenoiser(), options=SamplingOptions(steps=6, proportion=0.5, early_stop=False),
+                    num_samples=2, grid_shape=(3, 4), seeds=[5, 6], return_trajectory=True,
+                    callback=lambda step, tokens, finished: frames.append(tokens))  # kept as given, no clone
+    assert len(frames) == 6 and all(map(torch.equal, frames, result.trajectory))
+    changed = [not torch.equal(before, after) for before, after in zip(result.trajectory, result.trajectory[1:])]
+    assert sum(changed) >= 3  # the frames differ where the tokens changed: they are not one live buffer
+    assert len({frame.data_ptr() for frame in frames}) == len(frames)
+
+
+def test_a_callback_returning_false_stops_sampling_with_the_steps_taken_so_far():
+    model = MixingDenoiser()
+    options = SamplingOptions(steps=12, proportion=0.5, temperature=0.5, end_temperature=0.5)
+    seeds = list(range(20, 28))
+    full = sample(model, options=options, num_samples=8, grid_shape=(3, 4), seeds=seeds, return_trajectory=True)
+    calls = []
+    stopped = sample(model, options=options, num_samples=8, grid_shape=(3, 4), seeds=seeds,
+                     callback=lambda step, tokens, finished: calls.append(step) or step < 3)
+    assert calls == [0, 1, 2, 3]  # stopped after step 4
+    assert torch.equal(stopped.tokens, full.trajectory[3])
+    assert stopped.steps_taken.tolist() == full.steps_taken.clamp(max=4).tolist()
+    assert 0 < int((full.steps_taken <= 4).sum()) < 8  # some had stopped on their own, some were still running

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from sundae.checkpoint import CheckpointError
-from sundae.config import HOURGLASS_PRESETS
+from sundae.config import HOURGLASS_PRESETS, SamplingOptions
+from sundae.pipeline import SundaePipeline
+from sundae.tokenizer.pixels import PixelTokenizer
 from sundae.training.prior import PriorTrainingConfig, train_prior
 
 TINY = HOURGLASS_PRESETS["tiny"].replace(dim=32, heads=2, head_dim=16, depth=(1, 1, 1)).to_dict()
@@ -38,7 +40,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(pixel_npz, tmp_path):
     state = torch.load(resumed / "checkpoint" / "training_state.pt", weights_only=True)
     assert state["step"] == 2
     train_prior(config(pixel_npz, resumed))
-    for name in ("checkpoint", "model"):
+    for name in ("checkpoint", "model/prior"):
         a, b = weights(straight / name), weights(resumed / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ after resume"
@@ -46,8 +48,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(pixel_npz, tmp_path):
     assert any("validation/loss" in line for line in lines)
     assert (straight / "samples" / "step_0000004_raw.png").is_file()
     assert (straight / "samples" / "step_0000004_ema.png").is_file()
-    saved = json.loads((straight / "model" / "config.json").read_text())
+    saved = json.loads((straight / "model" / "prior" / "config.json").read_text())
     assert saved["config"]["num_classes"] == 3 and saved["data"]["class_names"] == ["class0", "class1", "class2"]
+    exported = SundaePipeline.from_pretrained(straight / "model", device="cpu")  # a model directory, pixel tokens
+    assert exported.sampling_defaults == SamplingOptions() and isinstance(exported.tokenizer, PixelTokenizer)
 
 
 def test_loss_falls_below_the_uniform_baseline(pixel_npz, tmp_path):
@@ -67,7 +71,7 @@ def test_resume_is_exact_with_dropout_in_bf16_and_logs_each_step_once(pixel_npz,
     train_prior(config(pixel_npz, straight, **changes))
     train_prior(config(pixel_npz, resumed, stop_after_steps=4, **changes))  # checkpoint at 3, rows up to 4
     train_prior(config(pixel_npz, resumed, **changes))
-    for name in ("checkpoint", "model"):
+    for name in ("checkpoint", "model/prior"):
         a, b = weights(straight / name), weights(resumed / name)
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ after resume"
         assert all(value.dtype == torch.float32 for value in b.values())
@@ -79,7 +83,7 @@ def test_resume_is_exact_with_dropout_in_bf16_and_logs_each_step_once(pixel_npz,
 
 def test_validation_runs_on_the_ema_weights_too(pixel_npz, tmp_path):
     from sundae.denoiser import Hourglass
-    from sundae.training.distributed import DistributedContext
+    from sundae.distributed import DistributedContext
     from sundae.training.prior import open_token_dataset, validation_loss
 
     out = tmp_path / "run"
@@ -87,7 +91,7 @@ def test_validation_runs_on_the_ema_weights_too(pixel_npz, tmp_path):
     train_prior(run_config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ema_row = next(row for row in rows if "validation_ema/loss" in row)
-    exported = Hourglass.from_pretrained(out / "model")  # the EMA weights: what ships
+    exported = Hourglass.from_pretrained(out / "model" / "prior")  # the EMA weights: what ships
     context = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     measured = validation_loss(exported, open_token_dataset(str(pixel_npz), "validation"), run_config, context)
     assert ema_row["validation_ema/loss"] == pytest.approx(float(measured["loss"]), rel=1e-5)
@@ -112,20 +116,20 @@ def test_a_finished_run_repairs_a_missing_or_stale_export(pixel_npz, tmp_path, d
 
     out = tmp_path / "run"
     train_prior(config(pixel_npz, out, steps=2, checkpoint_every=1))
-    expected = weights(out / "model")
+    expected = weights(out / "model" / "prior")
     if damage == "missing":
         shutil.rmtree(out / "model")
     elif damage == "stale":  # an export older than the checkpoint
-        saved = json.loads((out / "model" / "config.json").read_text())
-        (out / "model" / "config.json").write_text(json.dumps({**saved, "step": 1}))
+        saved = json.loads((out / "model" / "prior" / "config.json").read_text())
+        (out / "model" / "prior" / "config.json").write_text(json.dumps({**saved, "step": 1}))
     else:  # killed between the two renames of the swap: only the previous export, moved aside
         os.replace(out / "model", out / "model.old")
     (out / "samples").mkdir(exist_ok=True)
     (out / "samples" / ".step_0000002_raw.png.abcd.tmp").write_bytes(b"half a file")
     result = train_prior(config(pixel_npz, out, steps=2, checkpoint_every=1))
     assert result.finished and result.export_dir == out / "model"
-    assert json.loads((out / "model" / "config.json").read_text())["step"] == 2
-    repaired = weights(out / "model")
+    assert json.loads((out / "model" / "prior" / "config.json").read_text())["step"] == 2
+    repaired = weights(out / "model" / "prior")
     assert all(torch.equal(expected[k], repaired[k]) for k in expected)
     assert not (out / "model.old").exists() and not list(out.rglob(".*.tmp"))
 

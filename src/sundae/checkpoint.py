@@ -6,7 +6,9 @@
   with ``torch.save`` and read back with ``torch.load(weights_only=True)``, which refuses
   arbitrary pickled objects.
 * Every file is written atomically: to a temporary file in the same folder, fsynced, then
-  renamed over the target, so an interrupted save never leaves a half-written checkpoint.
+  renamed over the target, so an interrupted save never leaves a half-written checkpoint; a
+  directory of several files is written into ``<dir>.staging`` and swapped in
+  (:func:`replace_directory_atomically`, undone by :func:`recover_interrupted_checkpoint`).
 * Weights carry a SHA-256 of their tensors (names, dtypes, shapes and bytes) in the safetensors
   metadata, checked on load: a flipped bit is a clear error, not silently different outputs.
   Files saved before this (no hash in their metadata) still load.
@@ -20,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +37,7 @@ from torch import nn
 
 from sundae.config import ConfigBase, ConfigError, short_repr
 from sundae.errors import InputError
+from sundae.runtime import unwrap_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -40,6 +45,7 @@ CONTENT_HASH_KEY = "sundae.content_sha256"  # safetensors metadata entry written
 MAX_JSON_BYTES = 16 * 2**20  # a config.json is a few KB; refuse to read more than this
 
 M = TypeVar("M", bound="PretrainedMixin")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(InputError, RuntimeError):
@@ -62,6 +68,41 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def staging_directory(target: Path) -> Path:
+    """A fresh, empty ``<target>.staging`` folder beside ``target``, to be swapped in by
+    :func:`replace_directory_atomically` once it is fully written."""
+    staging = target.with_name(target.name + ".staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def replace_directory_atomically(staging: Path, target: Path) -> None:
+    """Swap a fully written ``staging`` directory into ``target`` so a crash never leaves half a checkpoint.
+
+    The old checkpoint is moved aside first and deleted only once the new one is in place.
+    """
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_interrupted_checkpoint(target: Path) -> None:
+    """If a crash hit between the two renames of :func:`replace_directory_atomically`, restore the old copy."""
+    old = target.with_name(target.name + ".old")
+    if not target.exists() and old.exists():
+        os.replace(old, target)
+        log.warning("restored %s from an interrupted checkpoint swap", target)
+    elif old.exists():  # killed while deleting the previous copy, after the new one was in place
+        shutil.rmtree(old)
 
 
 def _current_umask() -> int:
@@ -88,17 +129,6 @@ def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
     except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, too-long ints, deep nesting
         detail = f"{type(error).__name__}: {short_repr(str(error), 200)}"
         raise CheckpointError(f"{path} is not valid JSON ({detail})") from None
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers before saving."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def content_hash(state: Mapping[str, torch.Tensor]) -> str:

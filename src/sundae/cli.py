@@ -6,7 +6,6 @@ Bad input (missing file, wrong size, out-of-range knob, corrupted checkpoint) en
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -19,7 +18,7 @@ from typing import Any, Callable
 
 import click
 
-from sundae.config import INPAINT_DEFAULTS, SamplingOptions
+from sundae.config import INPAINT_DEFAULTS, Knob, SamplingOptions
 from sundae.errors import InputError
 from sundae.models import DEFAULT_MODEL, SHIPPED_MODELS, model_directory
 
@@ -119,32 +118,36 @@ RUNTIME_OPTIONS = [
 ]
 
 
-def sampling_options(overrides: dict[str, Any] | None = None) -> Callable:
-    """The sampler's flags; their defaults are :class:`SamplingOptions`' (the one definition),
-    with ``overrides`` for commands that sample differently (inpainting)."""
-    defaults = {field.name: field.default for field in dataclasses.fields(SamplingOptions)} | (overrides or {})
+MODEL_DEFAULT = "the model's scheduler/config.json"
+
+
+def knob_flag(name: str) -> str:
+    """How a :class:`SamplingOptions` field is spelled on the command line (``guidance_scale`` -> ``--guidance``)."""
+    return SamplingOptions.knobs()[name].flag or "--" + name.replace("_", "-")
+
+
+def knob_option(name: str, knob: Knob, *, edit: bool) -> Callable:
+    """The flag of one sampler knob, built from its :class:`Knob`. Not given, it is None and the model's
+    ``scheduler/`` default applies (for ``edit`` commands, INPAINT_DEFAULTS' temperature on top)."""
+    kind, _ = SamplingOptions.knob_type(name)
+    cold = edit and name in INPAINT_DEFAULTS
+    default = f"{INPAINT_DEFAULTS[name]:g}: edits sample cold, §3.6" if cold else MODEL_DEFAULT
+    help_text = knob.help + (f" Null in the scheduler: {knob.none}." if knob.none else "")
+    flag = knob_flag(name)
+    if kind is bool:
+        return click.option(f"{flag}/--no-{flag.removeprefix('--')}", name, default=None, show_default=default,
+                            help=help_text)
+    return click.option(flag, name, type=click.Choice(knob.choices) if knob.choices else kind, default=None,
+                        show_default=default, help=help_text)
+
+
+def sampling_options(*, edit: bool = False) -> Callable:
+    """The sampler's flags, one per :class:`SamplingOptions` field (the one definition of the knobs), plus
+    seed, device and the runtime options; ``edit``: a command that inpaints, refines or outpaints."""
 
     def decorate(function: Callable) -> Callable:
         options = [
-            click.option("--steps", type=int, default=defaults["steps"], show_default=True,
-                         help="Sampling steps T."),
-            click.option("--temperature", type=float, default=defaults["temperature"], show_default=True,
-                         help="Temperature at the first step."),
-            click.option("--end-temperature", type=float, default=defaults["end_temperature"],
-                         show_default=True, help="Temperature at the last step (annealed)."),
-            click.option("--schedule", "temperature_schedule", type=click.Choice(["linear", "cosine"]),
-                         default=defaults["temperature_schedule"], show_default=True, help="Temperature schedule."),
-            click.option("--proportion", type=float, default=defaults["proportion"], show_default=True,
-                         help="Share of tokens updated per step."),
-            click.option("--end-proportion", type=float, default=defaults["end_proportion"], help="Proportion at the last step."),
-            click.option("--top-k", type=int, default=defaults["top_k"], help="Sample among the k most likely codes."),
-            click.option("--top-p", type=float, default=defaults["top_p"], help="Nucleus sampling threshold."),
-            click.option("--guidance", "guidance_scale", type=float, default=defaults["guidance_scale"], show_default=True,
-                         help="Classifier-free guidance scale (1 = plain conditional, 0 = unconditional)."),
-            click.option("--no-early-stop", "early_stop", flag_value=False, default=True,
-                         help="Run every sample for all steps."),
-            click.option("--min-steps", type=int, default=defaults["min_steps"], show_default=True,
-                         help="Earliest step (from 1) at which a sample may stop on its own."),
+            *(knob_option(name, knob, edit=edit) for name, knob in SamplingOptions.knobs().items()),
             click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True,
                          help="Image i uses seed + i."),
             click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
@@ -157,15 +160,8 @@ def sampling_options(overrides: dict[str, Any] | None = None) -> Callable:
     return decorate
 
 
-SAMPLING_KEYS = ("steps", "temperature", "end_temperature", "temperature_schedule", "proportion", "end_proportion",
-                 "top_k", "top_p", "guidance_scale", "early_stop", "min_steps")
-
-
 # How the sampler's (Python) names are spelled on the command line, for error messages.
-FLAG_NAMES = {"steps": "--steps", "temperature": "--temperature", "end_temperature": "--end-temperature",
-              "temperature_schedule": "--schedule", "proportion": "--proportion", "end_proportion": "--end-proportion",
-              "top_k": "--top-k", "top_p": "--top-p", "guidance_scale": "--guidance", "early_stop": "--no-early-stop",
-              "min_steps": "--min-steps", "class_labels": "--classes", "temperatures": "--temperature/--end-temperature"}
+FLAG_NAMES = {**{name: knob_flag(name) for name in SamplingOptions.knobs()}, "class_labels": "--classes"}
 
 
 FLAG_NAME_PATTERN = re.compile(r"(?<![\w-])(" + "|".join(sorted(FLAG_NAMES, key=len, reverse=True)) + r")(?![\w-])")
@@ -177,8 +173,9 @@ def in_flag_names(message: str) -> str:
 
 
 def split_sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Take the sampler's options out of a command's arguments and check them before any work starts."""
-    options = {key: kwargs.pop(key) for key in SAMPLING_KEYS}
+    """Take the sampler's flags out of a command's arguments: those given (the rest stay the model's
+    defaults), checked before any work starts."""
+    options = {key: value for key in SamplingOptions.knobs() if (value := kwargs.pop(key)) is not None}
     try:
         SamplingOptions(**options)
     except InputError as error:
@@ -273,9 +270,11 @@ def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | 
     options = split_sampling_kwargs(kwargs)
     labels = parse_classes(classes)
     pipe = load_pipeline(model_dir, device, **kwargs)
-    if labels is None and options["guidance_scale"] != 1.0 and pipe.class_names:
+    pipe.set_progress_bar_config(disable=True)  # one bar below, over all batches
+    resolved = pipe.sampling_options(has_class=labels is not None, **options)  # the flags over the model's defaults
+    if labels is None and resolved.guidance_scale != 1.0 and pipe.class_names:
         labels = list(pipe.class_names)  # guidance needs a class: give every class in turn
-        click.echo(f"--guidance {options['guidance_scale']:g} without --classes: cycling through the model's "
+        click.echo(f"--guidance {resolved.guidance_scale:g} without --classes: cycling through the model's "
                    f"{len(labels)} classes", err=True)
     if labels is not None:
         labels = [labels[i % len(labels)] for i in range(num_images)]
@@ -283,7 +282,7 @@ def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | 
     batches = range(0, num_images, batch_size)
     images, steps_taken, frames = [], [], []
     started = time.perf_counter()
-    with tqdm(total=len(batches) * options["steps"], unit="step", desc="sampling", file=sys.stderr) as bar:
+    with tqdm(total=len(batches) * resolved.steps, unit="step", desc="sampling", file=sys.stderr) as bar:
         for number, start in enumerate(batches):
             count = min(batch_size, num_images - start)
             result = pipe(count, class_labels=None if labels is None else labels[start:start + count],
@@ -292,7 +291,7 @@ def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | 
             images += result.images
             steps_taken += result.steps_taken.tolist()
             frames = frames or result.trajectory
-            bar.update((number + 1) * options["steps"] - bar.n)  # samples that stopped early skip steps
+            bar.update((number + 1) * resolved.steps - bar.n)  # samples that stopped early skip steps
     elapsed = time.perf_counter() - started
     written = save_images(images, out, grid=True, per_image_dir=per_image_dir, nrow=nrow)
     if trajectory is not None:
@@ -361,7 +360,7 @@ def _report(result, out: Path, per_image_dir: Path | None, elapsed: float) -> No
 @click.argument("image", type=click.Path())
 @mask_options
 @output_options
-@sampling_options(INPAINT_DEFAULTS)
+@sampling_options(edit=True)
 @model_argument(positional=False)
 @user_errors
 def inpaint(image: str, mask: str | None, box: str | None, mask_rule: str, out: Path, num_images: int,
@@ -382,7 +381,7 @@ def inpaint(image: str, mask: str | None, box: str | None, mask_rule: str, out: 
 @click.option("--strength", type=float, default=0.5, show_default=True,
               help="Share of masked tokens reset to noise (0: start from the current tokens).")
 @output_options
-@sampling_options({**INPAINT_DEFAULTS, "steps": 30})
+@sampling_options(edit=True)
 @model_argument(positional=False)
 @user_errors
 def refine(image: str, mask: str | None, box: str | None, mask_rule: str, strength: float, out: Path, num_images: int,
@@ -404,7 +403,7 @@ def refine(image: str, mask: str | None, box: str | None, mask_rule: str, streng
 @click.option("--right", type=int, default=0)
 @click.option("--bottom", type=int, default=0)
 @output_options
-@sampling_options(INPAINT_DEFAULTS)
+@sampling_options(edit=True)
 @model_argument(positional=False)
 @user_errors
 def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path, num_images: int,
@@ -495,20 +494,29 @@ def build_extractor(kind: str, path: str | None, batch_size: int, device: str | 
 def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: str | None, num_samples: int,
              batch_size: int, nearest_k: int, cache_dir: str | None, fake: str | None, out: Path, seed: int,
              device: str | None, **kwargs: Any) -> None:
-    """FID, FID-infinity, precision/recall, density/coverage of a model's samples (or of --fake images)."""
+    """FID, FID-infinity, precision/recall, density/coverage of a model's samples (or of --fake images).
+
+    Under torchrun every process samples its share of the images and rank 0 writes the one report."""
+    from sundae.distributed import DistributedContext, run_distributed
     from sundae.eval.evaluate import evaluate as evaluate_model
     from sundae.eval.evaluate import evaluate_images, pipeline_identity
 
     options = split_sampling_kwargs(kwargs)
-    features = build_extractor(extractor, extractor_path, batch_size, device)
-    if fake is not None:
-        report = evaluate_images(fake, real, features, batch_size=batch_size, nearest_k=nearest_k, cache_dir=cache_dir)
-    else:
-        pipe = load_pipeline(model_dir, device, **kwargs)
-        report = evaluate_model(pipe, real_images=real, extractor=features, num_samples=num_samples,
-                                sampling_options=options, seed=seed, batch_size=batch_size, progress=True,
-                                nearest_k=nearest_k, cache_dir=cache_dir,
-                                model_id=pipeline_identity(model_directory(model_dir)))
+
+    def run(context: DistributedContext) -> dict[str, Any] | None:  # on every rank; rank 0 gets the report
+        features = build_extractor(extractor, extractor_path, batch_size, str(context.device))
+        if fake is not None:  # stored images: nothing to share out, rank 0 scores them
+            return evaluate_images(fake, real, features, batch_size=batch_size, nearest_k=nearest_k,
+                                   cache_dir=cache_dir) if context.is_main else None
+        report = evaluate_model(load_pipeline(model_dir, str(context.device), **kwargs), real_images=real,
+                                extractor=features, num_samples=num_samples, sampling_options=options, seed=seed,
+                                batch_size=batch_size, progress=True, nearest_k=nearest_k, cache_dir=cache_dir,
+                                model_id=pipeline_identity(model_directory(model_dir)), context=context)
+        return report if context.is_main else None
+
+    report = run_distributed(run, device)
+    if report is None:
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     metrics = report["metrics"]
@@ -518,8 +526,9 @@ def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: s
 
 @main.command()
 @evaluation_options
-@click.option("--parameter", type=click.Choice(["steps", "temperature", "proportion"]), required=True,
-              help="What to vary (paper Figs. 12, 13, 8); temperature varies the end temperature.")
+@click.option("--parameter", type=click.Choice(["steps", "temperature", "proportion", "guidance"]), required=True,
+              help="What to vary (paper Figs. 12, 13, 8); temperature varies the end temperature, guidance the "
+                   "classifier-free guidance scale.")
 @click.option("--values", required=True, help="Comma-separated values, e.g. 10,20,50,100.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep"), show_default=True,
               help="Writes sweep.csv, sweep.png and sweep.json here.")
@@ -529,7 +538,10 @@ def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: s
 def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str | None, num_samples: int,
           batch_size: int, nearest_k: int, cache_dir: str | None, parameter: str, values: str, out_dir: Path,
           seed: int, device: str | None, **kwargs: Any) -> None:
-    """Evaluate one sampler setting at several values and plot FID / density / coverage against it."""
+    """Evaluate one sampler setting at several values and plot FID / density / coverage against it.
+
+    Under torchrun every process samples its share of the images and rank 0 writes the files."""
+    from sundae.distributed import DistributedContext, run_distributed
     from sundae.eval.evaluate import pipeline_identity, sweep as run_sweep, write_sweep
 
     import importlib.util
@@ -541,18 +553,26 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
     except ValueError:
         raise InputError(f"--values must be comma-separated numbers, got {values!r}") from None
     options = split_sampling_kwargs(kwargs)
-    pipe = load_pipeline(model_dir, device, **kwargs)
-    results = run_sweep(pipe, real, build_extractor(extractor, extractor_path, batch_size, device),
-                        parameter=parameter, values=points, num_samples=num_samples, base_options=options, seed=seed,
-                        batch_size=batch_size, cache_dir=cache_dir, nearest_k=nearest_k, progress=True,
-                        model_id=pipeline_identity(model_directory(model_dir)))
+
+    def run(context: DistributedContext) -> list[dict[str, Any]] | None:  # on every rank; rank 0 gets the results
+        results = run_sweep(load_pipeline(model_dir, str(context.device), **kwargs), real,
+                            build_extractor(extractor, extractor_path, batch_size, str(context.device)),
+                            parameter=parameter, values=points, num_samples=num_samples, base_options=options,
+                            seed=seed, batch_size=batch_size, cache_dir=cache_dir, nearest_k=nearest_k, progress=True,
+                            model_id=pipeline_identity(model_directory(model_dir)), context=context)
+        return results if context.is_main else None
+
+    results = run_distributed(run, device)
+    if results is None:
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
     write_sweep(results, out_dir / "sweep.csv", out_dir / "sweep.png")
     for row in results:
         metrics = row["metrics"]
         click.echo(f"{parameter}={row['value']}: fid={metrics['fid']:.4g} density={metrics['density']:.4g} "
-                   f"coverage={metrics['coverage']:.4g}")
+                   f"coverage={metrics['coverage']:.4g}"
+                   + (f" class_accuracy={metrics['class_accuracy']:.4g}" if "class_accuracy" in metrics else ""))
     click.echo(f"wrote {out_dir}/sweep.csv, sweep.png, sweep.json")
 
 
@@ -574,17 +594,18 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full result here.")
 @user_errors
 def bench(preset_name: str, steps: int, batch_sizes: str, json_path: str | None, **kwargs: Any) -> None:
-    """Time sampling (prior steps + decode) and compare it with this device's measured matmul rate."""
-    from sundae.bench import run_benchmark, summarize, write_json
+    """Time sampling (prior steps + decode) of a paper-size prior with random weights on this machine
+    (FLOPs against the matmul rate: benchmarks/speed.py in a source checkout)."""
+    from sundae.speed import time_sampling
 
     try:
         sizes = tuple(int(v) for v in batch_sizes.split(","))
     except ValueError:
         raise InputError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
-    result = run_benchmark(preset=preset_name, steps=steps, batch_sizes=sizes, **kwargs)
+    result = time_sampling(preset=preset_name, steps=steps, batch_sizes=sizes, **kwargs)
     if json_path is not None:
-        write_json(result, json_path)
-    click.echo(summarize(result))
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(result["summary"])
 
 
 # --- models, conversion, description ---------------------------------------------------------
@@ -600,6 +621,7 @@ def describe(preset_name: str | None, time_step: bool) -> None:
     with no PRESET, list the presets."""
     from sundae.config import HOURGLASS_PRESETS, preset
     from sundae.denoiser.hourglass import describe as describe_config
+    from sundae.speed import time_forward
 
     if preset_name is None:
         for name, config in HOURGLASS_PRESETS.items():
@@ -614,25 +636,6 @@ def describe(preset_name: str | None, time_step: bool) -> None:
         click.echo(f"timing one forward pass of {preset_name} at batch 1 (warm-up + 3 repeats) ...", err=True)
         facts["forward_ms_batch1"] = round(time_forward(config), 2)
     click.echo(json.dumps({"preset": preset_name, "config": config.to_dict(), **facts}, indent=2, default=str))
-
-
-def time_forward(config, repeats: int = 3) -> float:
-    """Median milliseconds of one forward pass (one sampling step) at batch 1, random weights."""
-    import torch
-
-    from sundae.denoiser import Hourglass
-
-    model = Hourglass(config).eval()
-    tokens = torch.randint(0, config.codebook_size, (1, *config.latent_shape))
-    labels = None if config.num_classes is None else torch.zeros(1, dtype=torch.long)
-    times = []
-    with torch.inference_mode():
-        model(tokens, labels)
-        for _ in range(repeats):
-            started = time.perf_counter()
-            model(tokens, labels)
-            times.append((time.perf_counter() - started) * 1000)
-    return sorted(times)[len(times) // 2]
 
 
 @main.command("convert-taming")
@@ -650,6 +653,22 @@ def convert_taming_command(checkpoint: str, out_dir: str, config_path: str | Non
 
     target = convert_taming(checkpoint, out_dir, config_path=config_path, preset=preset_name, resolution=resolution)
     click.echo(f"wrote {target}")
+
+
+@main.command("convert-model")
+@click.argument("old_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("new_dir", type=click.Path(file_okay=False))
+@click.option("--scheduler-from", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A scheduler config.json (e.g. another model's scheduler/config.json) to use as the model's "
+                   "sampling defaults [default: sundae's SamplingOptions defaults].")
+@user_errors
+def convert_model(old_dir: str, new_dir: str, scheduler_from: str | None) -> None:
+    """Write a model directory of the old layout (the prior's config.json at the top) to NEW_DIR in the
+    current one (model_index.json, prior/, tokenizer/, scheduler/); OLD_DIR is never modified."""
+    from sundae.pipeline import convert_model_directory, read_scheduler
+
+    scheduler = None if scheduler_from is None else read_scheduler(scheduler_from)
+    click.echo(f"wrote {convert_model_directory(old_dir, new_dir, scheduler)}")
 
 
 # --- training and data ---------------------------------------------------------------------
@@ -767,7 +786,7 @@ def reconstruct(tokenizer_dir: str, images: str, out: Path | None, limit: int, b
     from sundae.data.images import ImageFolder
     from sundae.runtime import resolve_device
     from sundae.tokenizer import VQGAN
-    from sundae.training.tokenizer import measure_reconstructions, save_reconstruction_grid
+    from sundae.eval.reconstruction import measure_reconstructions, save_reconstruction_grid
 
     device = resolve_device(device)
     tokenizer = VQGAN.from_pretrained(tokenizer_dir, map_location=device).eval()

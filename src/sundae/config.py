@@ -250,7 +250,8 @@ class ConfigBase:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self: C, **changes: Any) -> C:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``, checked like :meth:`from_dict` (an unknown field is a :class:`ConfigError`)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,10 +562,59 @@ def preset(name: str, presets: dict[str, C]) -> C:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Knob:
+    """What the CLI and the web app show of one :class:`SamplingOptions` field, and its range.
+
+    ``help`` is the flag's help and ``label`` the form's; ``minimum`` / ``maximum`` (None: no bound;
+    ``exclusive_minimum``: the minimum itself is refused) or ``choices`` are checked by
+    :meth:`SamplingOptions.validate`; ``none`` says what None means for an optional knob; ``flag``
+    is the CLI's spelling when it is not ``--field-name``; ``step`` is the form's input granularity
+    (None: 1 for integers, 0.05 for numbers); ``form``: whether the web app's form shows it.
+    """
+
+    help: str
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    choices: tuple[str, ...] | None = None
+    none: str | None = None
+    flag: str | None = None
+    step: float | None = None
+    form: bool = True
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise :class:`ConfigError` (naming the field) unless ``value`` is in this knob's range."""
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ConfigError(f"{name} must be one of {', '.join(self.choices)}, got {short_repr(value)}",
+                                  field=name)
+            return
+        low_ok = self.minimum is None or (value > self.minimum if self.exclusive_minimum else value >= self.minimum)
+        if low_ok and (self.maximum is None or value <= self.maximum):
+            return
+        if self.maximum is None:
+            bound = f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
+        else:
+            bound = f"in {'(' if self.exclusive_minimum else '['}{self.minimum:g}, {self.maximum:g}]"
+        raise ConfigError(f"{name} must be {bound}, got {value}", field=name)
+
+
+def knob(default: Any, help: str, **facts: Any) -> Any:
+    """A :class:`SamplingOptions` field with its :class:`Knob` (the CLI's and the app's view of it)."""
+    return dataclasses.field(default=default, metadata={"knob": Knob(help=help, **facts)})
+
+
+SCHEDULES = ("linear", "cosine")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SamplingOptions(ConfigBase):
-    """Sampler knobs (:mod:`sundae.sampler`), the one definition of their defaults: the CLI's flags,
-    the pipeline and the evaluation all start from these. Defaults follow the paper's
-    recommendations (§3.4, Figs. 8, 12, 13) and the sweeps of the shipped model (README).
+    """Sampler knobs (:mod:`sundae.sampler`), the one definition of their names, types, ranges, help
+    and library defaults: the CLI's flags and the web app's form are built from these fields
+    (:meth:`knobs`), and a model directory's ``scheduler/config.json`` holds one instance, the
+    defaults chosen for that model. The library defaults follow the paper's recommendations
+    (§3.4, Figs. 8, 12, 13) and the sweeps of the shipped model (README).
 
     Steps count from 1. With ``early_stop`` a sample stops after the first step that updated at
     least one of its free positions and left all of them unchanged; ``min_steps`` is the earliest
@@ -572,39 +622,49 @@ class SamplingOptions(ConfigBase):
     0 and 1 both let it stop at step 1). ``steps_taken`` of :class:`SampleOutput` is that step.
     """
 
-    steps: int = 50
-    temperature: float = 1.0  # at the first step
-    end_temperature: float = 0.6  # at the last step (Fig. 13: 0.5-0.7 works well)
-    temperature_schedule: str = "linear"  # "linear" or "cosine"
-    proportion: float = 0.8  # share of positions updated per step (0.5-0.8 for T <= 50)
-    end_proportion: float | None = None  # None: constant proportion
-    proportion_schedule: str = "linear"
-    top_k: int | None = None
-    top_p: float | None = None
-    guidance_scale: float = 1.0  # 1: plain conditional; 0: unconditional; >1: classifier-free guidance
-    early_stop: bool = True
-    min_steps: int = 0  # the earliest step (counted from 1) at which a sample may stop on its own
-    compaction_interval: int = 1  # steps between removals of finished samples (each costs one sync)
+    steps: int = knob(50, "Sampling steps T.", label="Steps", minimum=1)
+    temperature: float = knob(1.0, "Temperature at the first step.", label="Temperature (start)", minimum=0.0,
+                              maximum=10.0, exclusive_minimum=True)
+    end_temperature: float = knob(0.6, "Temperature at the last step (annealed; Fig. 13: 0.5-0.7 works well).",
+                                  label="Temperature (end)", minimum=0.0, maximum=10.0, exclusive_minimum=True)
+    temperature_schedule: str = knob("linear", "Temperature schedule from start to end.", flag="--schedule",
+                                     label="Temperature schedule", choices=SCHEDULES)
+    proportion: float = knob(0.8, "Share of tokens updated per step (0.5-0.8 for T <= 50).",
+                             label="Proportion updated per step", minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    end_proportion: float | None = knob(None, "Proportion at the last step.", none="constant",
+                                        label="Proportion (end)", minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    proportion_schedule: str = knob("linear", "Proportion schedule from start to end.", label="Proportion schedule",
+                                    choices=SCHEDULES)
+    top_k: int | None = knob(None, "Sample among the k most likely codes.", none="off", label="Top-k", minimum=1)
+    top_p: float | None = knob(None, "Nucleus sampling threshold.", none="off", label="Top-p", minimum=0.0,
+                               maximum=1.0, exclusive_minimum=True)
+    guidance_scale: float = knob(1.0, "Classifier-free guidance scale (1 = plain conditional, 0 = unconditional).",
+                                 flag="--guidance", label="Guidance", minimum=0.0, maximum=50.0, step=0.5)
+    early_stop: bool = knob(True, "Let each sample stop once a step leaves it unchanged (off: run every step).",
+                            label="Stop each sample once it stops changing")
+    min_steps: int = knob(0, "Earliest step (from 1) at which a sample may stop on its own.",
+                          label="Earliest stop step", minimum=0)
+    compaction_interval: int = knob(1, "Steps between removals of finished samples from the batch (each costs "
+                                       "one device sync; the samples do not change).",
+                                    label="Compaction interval", minimum=1, form=False)
+
+    @classmethod
+    def knobs(cls) -> dict[str, Knob]:
+        """Every field's :class:`Knob`, in field order."""
+        return {field.name: field.metadata["knob"] for field in dataclasses.fields(cls)}
+
+    @classmethod
+    def knob_type(cls, name: str) -> tuple[type, bool]:
+        """A field's value type and whether it takes None (``int | None`` -> ``(int, True)``)."""
+        hint = field_types(cls)[name]
+        arms = typing.get_args(hint)
+        return next((arm for arm in arms if arm is not type(None)), hint), type(None) in arms
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.temperature <= 0 or self.end_temperature <= 0:
-            raise ConfigError(f"temperatures must be > 0, got {self.temperature} -> {self.end_temperature}")
-        for name in ("temperature_schedule", "proportion_schedule"):
-            if getattr(self, name) not in ("linear", "cosine"):
-                raise ConfigError(f"{name} must be 'linear' or 'cosine', got {getattr(self, name)!r}")
-        for value in (self.proportion, self.end_proportion):
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ConfigError(f"proportion must be in (0, 1], got {value}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.min_steps < 0 or self.compaction_interval < 1:
-            raise ConfigError("min_steps must be >= 0 and compaction_interval >= 1")
+        for name, spec in self.knobs().items():
+            value = getattr(self, name)
+            if value is not None:
+                spec.check(name, value)
 
     def temperature_at(self, step: int) -> float:
         return _schedule(self.temperature, self.end_temperature, step, self.steps, self.temperature_schedule)
@@ -622,11 +682,13 @@ def _schedule(start: float, end: float, step: int, steps: int, kind: str) -> flo
     return start + (end - start) * progress
 
 
-# Inpainting, outpainting and refinement sample at a low constant temperature (§3.6: 0.3 <= tau <= 0.5).
+# Inpainting, outpainting and refinement sample at a low constant temperature (§3.6: 0.3 <= tau <= 0.5):
+# these replace the model's own defaults (its scheduler/config.json) for those operations; an explicit
+# temperature still wins (SundaePipeline.sampling_options).
 INPAINT_DEFAULTS = {"temperature": 0.4, "end_temperature": 0.4}
 
 __all__ = [
     "ConfigBase", "ConfigError", "MAX_CODEBOOK_SIZE", "MAX_PARAMETERS", "field_types", "short_repr", "VQGANConfig",
-    "HourglassConfig", "VQGAN_PRESETS", "HOURGLASS_PRESETS", "SamplingOptions", "INPAINT_DEFAULTS",
+    "HourglassConfig", "VQGAN_PRESETS", "HOURGLASS_PRESETS", "Knob", "SamplingOptions", "INPAINT_DEFAULTS",
     "UNROLL_STEPS", "depth_layers", "depth_levels", "preset",
 ]

@@ -1,5 +1,6 @@
 """Where and in what precision models run: one place for the device, dtype and autocast choices
-shared by the pipeline, the CLI and the benchmark.
+shared by the pipeline, the CLI and the benchmark, and for looking through DDP / torch.compile
+wrappers (:func:`unwrap_model`).
 
 On CUDA the default is bf16 (house style: "bf16 autocast on CUDA"): the prior runs under
 ``torch.autocast`` with its Linear weights cast to bf16 once (:func:`cast_linear_weights`; its
@@ -70,6 +71,18 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers: what to save,
+    and where a model's ``config`` is."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def cast_linear_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Give every ``nn.Linear`` of ``module`` ``dtype`` weights once, for running it under autocast.
 
@@ -102,5 +115,5 @@ def cast_decoder(tokenizer: nn.Module, dtype: torch.dtype, *, channels_last: boo
 
 __all__ = [
     "PRECISIONS", "PRECISION_CHOICES", "autocast", "cast_decoder", "cast_linear_weights", "native_bf16", "resolve_device", "resolve_precision",
-    "resolve_training_precision",
+    "resolve_training_precision", "unwrap_model",
 ]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sundae.checkpoint import unwrap_model
 from sundae.errors import InputError
+from sundae.runtime import unwrap_model
 
 Denoiser = Callable[..., Tensor]  # model(tokens, class_labels) -> logits
 

@@ -22,12 +22,10 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from sundae.app.validation import MAX_BATCH_PIXELS, MAX_IMAGES, SIDES, CanvasLimit, RequestError
+from sundae.app.validation import FORM_KNOBS, MAX_BATCH_PIXELS, MAX_IMAGES, SIDES, CanvasLimit, RequestError
 from sundae.app.worker import Job
 from sundae.pipeline import PipelineOutput, SundaePipeline, to_pil
-from sundae.sampler import SamplingOptions
 
-SAMPLING_KEYS = ("steps", "temperature", "end_temperature", "proportion", "guidance_scale", "early_stop")
 RANDOM_SEED_BOUND = 2**31  # seeds the server draws stay short enough to copy by hand
 
 
@@ -65,14 +63,20 @@ def request_pixel_budget(pipeline: SundaePipeline) -> int:
     return min(MAX_BATCH_PIXELS, MAX_IMAGES * height * width)
 
 
-def check_sampling(pipeline: SundaePipeline, request: dict[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
-    """Resolve the class and seed and check the options against the model; returns the request completed."""
+def check_sampling(pipeline: SundaePipeline, request: dict[str, Any], image_size: tuple[int, int], *,
+                   edit: bool) -> dict[str, Any]:
+    """Resolve the class and seed and check the options against the model; returns the request completed.
+
+    Without a class, the model's default guidance (the form's) does not apply, as in the pipeline
+    (:meth:`~sundae.pipeline.SundaePipeline.sampling_options`): the request samples unguided."""
     label = request["class_label"]
     if label is not None:
         try:
             label = pipeline.class_index(label)
         except ValueError as error:
             raise RequestError(str(error), field="class_label") from None
+    if label is None and request["guidance_scale"] == pipeline.sampling_options(edit=edit).guidance_scale:
+        request = {**request, "guidance_scale": 1.0}
     conditional = pipeline.prior.config.num_classes is not None
     if request["guidance_scale"] != 1.0 and (not conditional or label is None):
         raise RequestError("classifier-free guidance needs a class-conditional model and a class_label; "
@@ -87,7 +91,7 @@ def check_sampling(pipeline: SundaePipeline, request: dict[str, Any], image_size
 
 
 def sampling_options(request: dict[str, Any]) -> dict[str, Any]:
-    return {key: request[key] for key in SAMPLING_KEYS}
+    return {key: request[key] for key in FORM_KNOBS}
 
 
 def check_image(pipeline: SundaePipeline, image: Image.Image, name: str = "image") -> None:
@@ -142,6 +146,7 @@ class ResultFolder:
 
 
 def _finish(job: Job, output: PipelineOutput, request: dict[str, Any], folder: ResultFolder | None) -> dict[str, Any]:
+    job.raise_if_cancelled()  # sampling stopped at the cancellation: a cancelled job saves nothing
     seeds = [request["seed"] + index for index in range(len(output.images))]
     record = {"seeds": seeds, "steps_taken": output.steps_taken.tolist()}
     settings = {key: value for key, value in request.items() if not isinstance(value, (Image.Image, np.ndarray))}
@@ -158,14 +163,14 @@ def generate(pipeline: SundaePipeline, request: dict[str, Any], job: Job,
     """Sample ``num_images`` images, emitting ``preview`` events of the current tokens along the way."""
     schedule = PreviewSchedule()
 
-    def preview(step: int, tokens: Tensor, finished: Tensor) -> None:
-        if not schedule.due():
-            return
-        started = time.perf_counter()
-        images = to_pil(pipeline.decode(tokens))
-        job.emit({"event": "preview", "step": step + 1, "finished": finished.tolist(),
-                  "images": [png_data_url(image) for image in images]})
-        schedule.record(started)
+    def preview(step: int, tokens: Tensor, finished: Tensor) -> bool:
+        if job.wanted() and schedule.due():
+            started = time.perf_counter()
+            images = to_pil(pipeline.decode(tokens))
+            job.emit({"event": "preview", "step": step + 1, "finished": finished.tolist(),
+                      "images": [png_data_url(image) for image in images]})
+            schedule.record(started)
+        return job.wanted()
 
     output = pipeline(request["num_images"], class_labels=request["class_label"], seed=request["seed"],
                       callback=preview, **sampling_options(request))
@@ -175,7 +180,7 @@ def generate(pipeline: SundaePipeline, request: dict[str, Any], job: Job,
 def edit(pipeline: SundaePipeline, request: dict[str, Any], job: Job, folder: ResultFolder | None) -> dict[str, Any]:
     """Inpaint, refine or outpaint (``job.kind``) ``request["image"]``: several fills side by side."""
     common = {"num_images": request["num_images"], "class_labels": request["class_label"], "seed": request["seed"],
-              **sampling_options(request)}
+              "callback": job.wanted, **sampling_options(request)}
     image = request["image"]
     if job.kind == "outpaint":
         output = pipeline.outpaint(image, left=request["left"], top=request["top"], right=request["right"],
@@ -200,9 +205,9 @@ def prepare(pipeline: SundaePipeline, kind: str, request: dict[str, Any], canvas
             size = outpainted_size(pipeline, request["image"], request, canvas)
         else:
             request = {**request, "mask": mask_array(request["image"], request["mask"])}
-    request = check_sampling(pipeline, request, size)
+    request = check_sampling(pipeline, request, size, edit=kind != "generate")
     try:
-        SamplingOptions(**sampling_options(request))
+        pipeline.sampling_options(**sampling_options(request))
     except ValueError as error:
         raise RequestError(str(error)) from None
     return request

@@ -18,8 +18,8 @@ to it without a CORS pre-flight it will not get). Every field is validated (HTTP
 field; a body over the limit is HTTP 413, malformed JSON HTTP 400), and sizes follow the model: an
 image or outpainted canvas is at most ``max_canvas_scale`` times the model's image size per side.
 One worker thread runs the model, so concurrent requests queue and never mix; a client that
-disconnects cancels its job, within one module's forward pass (sampling, encoding or decoding).
-Results are written only into the output folder, under names the server makes.
+disconnects cancels its job: sampling stops after its current step, encoding or decoding within one
+module's forward pass. Results are written only into the output folder, under names the server makes.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from torch import nn
 
 import sundae.app.operations as operations
 from sundae.app.validation import (DEFAULT_MAX_CANVAS_SCALE, MAX_IMAGES, MAX_JSON_DEPTH, MAX_STEPS, OPERATIONS,
@@ -51,7 +50,7 @@ from sundae.app.validation import (DEFAULT_MAX_CANVAS_SCALE, MAX_IMAGES, MAX_JSO
 from sundae.app.worker import Event, Job, ModelWorker
 from sundae.checkpoint import CheckpointError, read_json
 from sundae.models import model_directory
-from sundae.pipeline import SundaePipeline
+from sundae.pipeline import MODEL_INDEX_NAME, SundaePipeline
 from sundae.tokenizer.pixels import PixelTokenizer
 
 logger = logging.getLogger(__name__)
@@ -184,18 +183,6 @@ async def internal_error(_: Request, error: Exception) -> JSONResponse:
     return internal_error_response(error)
 
 
-def cancellation_points(pipeline: SundaePipeline) -> list[nn.Module]:
-    """The modules whose forward passes check the running job's cancel flag: every module of the
-    tokenizer (a large canvas makes encode and decode long; they run once a job, so the checks cost
-    nothing), and the prior with, when it runs eagerly, each layer of its stacks (the elements of its
-    ModuleLists: a long step stops mid-way for a few checks a step); a compiled step is one graph, so
-    there only the prior itself."""
-    prior = pipeline.prior
-    layers = [] if pipeline.compile_mode is not None else \
-        [layer for module in prior.modules() if isinstance(module, nn.ModuleList) for layer in module]
-    return [prior, *layers, *pipeline.tokenizer.modules()]
-
-
 def create_app(pipeline: SundaePipeline, *, output_dir: str | os.PathLike | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_canvas_scale: float = DEFAULT_MAX_CANVAS_SCALE,
                allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> Starlette:
@@ -210,7 +197,10 @@ def create_app(pipeline: SundaePipeline, *, output_dir: str | os.PathLike | None
         directory = Path(output_dir).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         folder = operations.ResultFolder(directory)
-    worker = ModelWorker(*cancellation_points(pipeline))
+    # sampling stops through its step callback (:meth:`Job.wanted`); encoding and decoding, long for a large
+    # canvas, check the cancel flag before the forward of every tokenizer module (once a job: the checks cost nothing)
+    worker = ModelWorker(*pipeline.tokenizer.modules())
+    pipeline.set_progress_bar_config(disable=True)  # the server logs; previews show the progress
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -226,7 +216,8 @@ def create_app(pipeline: SundaePipeline, *, output_dir: str | os.PathLike | None
                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))])
     app.state.pipeline, app.state.worker, app.state.folder = pipeline, worker, folder
     app.state.max_body_bytes, app.state.canvas = max_body_bytes, canvas
-    app.state.fields = operation_fields(canvas, pipeline.factor)
+    app.state.fields = operation_fields(canvas, pipeline.factor, pipeline.sampling_options(),
+                                        pipeline.sampling_options(edit=True))
     return app
 
 
@@ -237,10 +228,10 @@ def allowed_hosts_for(host: str) -> list[str]:
 
 
 def model_name(directory: Path) -> str:
-    """What the page calls a model: the ``name`` in its config.json if it has one, else its folder's name,
+    """What the page calls a model: the ``name`` in its model_index.json if it has one, else its folder's name,
     or the run's folder for a trainer's ``<run>/model`` export (so two trained models are not both "model")."""
     try:
-        config = read_json(directory / "config.json")
+        config = read_json(directory / MODEL_INDEX_NAME)
     except CheckpointError:  # loading the model says what is wrong with it; here a name is all
         config = {}
     name = config.get("name") if isinstance(config, dict) else None

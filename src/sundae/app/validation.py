@@ -1,9 +1,11 @@
 """Reading the web app's JSON requests: every field typed, ranged and named in its error.
 
 Each operation (generate, inpaint, refine, outpaint; paper §3.4, §3.6) is a table of fields, made for
-the served model by :func:`operation_fields`. The same table validates requests (unknown or mistyped
-fields are an HTTP 422 naming the field, never a silent default) and is sent to the page by
-``/api/info``, which builds its form inputs from it, so defaults and ranges live in one place.
+the served model by :func:`operation_fields`: its sampler fields are built from the knobs of
+:class:`~sundae.config.SamplingOptions` (label, range, choices) with the model's own defaults (its
+``scheduler/``). The same table validates requests (unknown or mistyped fields are an HTTP 422 naming
+the field, never a silent default) and is sent to the page by ``/api/info``, which builds its form
+inputs from it, so defaults and ranges live in one place.
 
 A request is small but may ask for a lot of work, so every size follows the model: an image or an
 outpainted canvas is at most :class:`CanvasLimit` (a few times the model's image size per side), its
@@ -24,8 +26,8 @@ from typing import Any
 
 from PIL import Image
 
+from sundae.config import Knob, SamplingOptions
 from sundae.errors import InputError
-from sundae.pipeline import INPAINT_DEFAULTS
 
 MAX_STEPS = 1000
 MAX_IMAGES = 64
@@ -95,6 +97,7 @@ class Integer:
     minimum: int
     maximum: int
     nullable: bool = False
+    placeholder: str | None = None  # what an empty (null) input means, shown in it
     step: int = 1  # the page's input granularity
 
     def read(self, name: str, value: Any) -> int | None:
@@ -109,22 +112,28 @@ class Integer:
 
     def describe(self) -> dict[str, Any]:
         return {"type": "integer", "label": self.label, "default": self.default, "minimum": self.minimum,
-                "maximum": self.maximum, "nullable": self.nullable, "step": self.step}
+                "maximum": self.maximum, "nullable": self.nullable, "placeholder": self.placeholder,
+                "step": self.step}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Number:
     label: str
-    default: float
+    default: float | None
     minimum: float
     maximum: float
     exclusive_minimum: bool = False
+    nullable: bool = False
+    placeholder: str | None = None  # what an empty (null) input means, shown in it
     step: float = 0.05  # the page's input granularity
 
-    def read(self, name: str, value: Any) -> float:
+    def read(self, name: str, value: Any) -> float | None:
+        if value is None and self.nullable:
+            return None
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not is_number or (isinstance(value, float) and not math.isfinite(value)):
-            raise RequestError(f"must be a finite number, got {shown(value)}", field=name)
+            expected = "a finite number or null" if self.nullable else "a finite number"
+            raise RequestError(f"must be {expected}, got {shown(value)}", field=name)
         too_low = value <= self.minimum if self.exclusive_minimum else value < self.minimum
         if too_low or value > self.maximum:
             bracket = "(" if self.exclusive_minimum else "["
@@ -133,7 +142,8 @@ class Number:
 
     def describe(self) -> dict[str, Any]:
         return {"type": "number", "label": self.label, "default": self.default, "minimum": self.minimum,
-                "maximum": self.maximum, "exclusive_minimum": self.exclusive_minimum, "step": self.step}
+                "maximum": self.maximum, "exclusive_minimum": self.exclusive_minimum, "nullable": self.nullable,
+                "placeholder": self.placeholder, "step": self.step}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,21 +308,37 @@ def describe_fields(fields: dict[str, Field]) -> list[dict[str, Any]]:
     return [{"name": name, **spec.describe()} for name, spec in fields.items()]
 
 
-def _sampling_fields(*, steps: int, temperature: float, end_temperature: float, num_images: int,
-                     images_label: str) -> dict[str, Field]:
+# A knob whose size is work gets the app's own bound (SamplingOptions has none); any other integer knob
+# without an upper bound, one that fits every integer type on the way to the sampler.
+WORK_LIMITS = {"steps": MAX_STEPS}
+MAX_KNOB_INTEGER = 2**31 - 1
+FORM_KNOBS = tuple(name for name, knob in SamplingOptions.knobs().items() if knob.form)
+
+
+def knob_field(name: str, knob: Knob, default: Any) -> Field:
+    """The form field of one sampler knob, built from its :class:`~sundae.config.Knob` (label, range,
+    choices), with ``default`` the served model's."""
+    kind, nullable = SamplingOptions.knob_type(name)
+    if knob.choices is not None:
+        return Choice(label=knob.label, default=default, choices=knob.choices)
+    if kind is bool:
+        return Boolean(label=knob.label, default=default)
+    if kind is int:
+        maximum = WORK_LIMITS.get(name, MAX_KNOB_INTEGER if knob.maximum is None else int(knob.maximum))
+        return Integer(label=knob.label, default=default, minimum=int(knob.minimum), maximum=maximum,
+                       nullable=nullable, placeholder=knob.none, step=int(knob.step or 1))
+    return Number(label=knob.label, default=default, minimum=knob.minimum, maximum=knob.maximum,
+                  exclusive_minimum=knob.exclusive_minimum, nullable=nullable, placeholder=knob.none,
+                  step=knob.step or 0.05)
+
+
+def _sampling_fields(defaults: SamplingOptions, *, images_label: str) -> dict[str, Field]:
     return {
-        "num_images": Integer(label=images_label, default=num_images, minimum=1, maximum=MAX_IMAGES),
-        "steps": Integer(label="Steps", default=steps, minimum=1, maximum=MAX_STEPS),
-        "temperature": Number(label="Temperature (start)", default=temperature, minimum=0.0, maximum=10.0,
-                              exclusive_minimum=True),
-        "end_temperature": Number(label="Temperature (end)", default=end_temperature, minimum=0.0, maximum=10.0,
-                                  exclusive_minimum=True),
-        "proportion": Number(label="Proportion updated per step", default=0.8, minimum=0.0, maximum=1.0,
-                             exclusive_minimum=True),
+        "num_images": Integer(label=images_label, default=4, minimum=1, maximum=MAX_IMAGES),
+        **{name: knob_field(name, SamplingOptions.knobs()[name], getattr(defaults, name)) for name in FORM_KNOBS},
         "class_label": ClassLabel(label="Class"),
-        "guidance_scale": Number(label="Guidance", default=1.0, minimum=0.0, maximum=50.0, step=0.5),
-        "seed": Integer(label="Seed (empty: random)", default=None, minimum=0, maximum=MAX_SEED, nullable=True),
-        "early_stop": Boolean(label="Stop each sample once it stops changing", default=True),
+        "seed": Integer(label="Seed", default=None, minimum=0, maximum=MAX_SEED, nullable=True,
+                        placeholder="random"),
     }
 
 
@@ -328,10 +354,13 @@ def default_extension(canvas: CanvasLimit, factor: int) -> int:
     return min(half, (max_width - width) // factor * factor)
 
 
-def operation_fields(canvas: CanvasLimit, factor: int) -> dict[str, dict[str, Field]]:
-    """The field tables of every operation for a model of ``canvas.image_size`` pixels and tokenizer factor f."""
+def operation_fields(canvas: CanvasLimit, factor: int, defaults: SamplingOptions,
+                     edit_defaults: SamplingOptions) -> dict[str, dict[str, Field]]:
+    """The field tables of every operation for a model of ``canvas.image_size`` pixels and tokenizer factor f,
+    whose sampling defaults are ``defaults`` (generation) and ``edit_defaults`` (inpaint, refine, outpaint:
+    :meth:`~sundae.pipeline.SundaePipeline.sampling_options`)."""
     image = EncodedImage(label="Image", canvas=canvas)
-    edit_sampling = _sampling_fields(steps=50, num_images=4, images_label="Fills", **INPAINT_DEFAULTS)
+    edit_sampling = _sampling_fields(edit_defaults, images_label="Fills")
     mask_fields: dict[str, Field] = {
         "mask": EncodedImage(label="Mask (white = regenerate)", canvas=canvas),
         "mask_rule": Choice(label="Token mask rule", default="any", choices=("any", "all")),
@@ -339,11 +368,9 @@ def operation_fields(canvas: CanvasLimit, factor: int) -> dict[str, dict[str, Fi
     }
     extension = default_extension(canvas, factor)
     return {
-        "generate": _sampling_fields(steps=50, temperature=1.0, end_temperature=0.6, num_images=4,
-                                     images_label="Images"),
+        "generate": _sampling_fields(defaults, images_label="Images"),
         "inpaint": {"image": image, **edit_sampling, **mask_fields},
-        "refine": {"image": image,
-                   **{**edit_sampling, "steps": Integer(label="Steps", default=30, minimum=1, maximum=MAX_STEPS)},
+        "refine": {"image": image, **edit_sampling,
                    "strength": Number(label="Strength (share of masked tokens reset)", default=0.5, minimum=0.0,
                                       maximum=1.0),
                    **mask_fields},

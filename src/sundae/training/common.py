@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -21,13 +20,47 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from torch import nn
 
-from sundae.checkpoint import CheckpointError, atomic_path, read_json
+from sundae.checkpoint import (  # noqa: F401 - the directory swap, re-exported for the training loops
+    CheckpointError, atomic_path, read_json, recover_interrupted_checkpoint, replace_directory_atomically,
+    staging_directory,
+)
+from sundae.config import ConfigBase, ConfigError
+from sundae.distributed import DistributedContext, barrier, mean_across_ranks
 from sundae.errors import InputError
+from sundae.runtime import PRECISION_CHOICES
 
 log = logging.getLogger(__name__)
 
 TRAINING_STATE_FILE = "training_state.pt"
 R = TypeVar("R")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingLoopConfig(ConfigBase):
+    """The settings every training loop has: its run folder, seed, gradient clipping, how often it
+    logs and checkpoints, where and in what precision it runs, and how it resumes."""
+
+    output_dir: str
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    stop_after_steps: int | None = None  # end this process early (time-boxed jobs); resume later
+    device: str | None = None
+    precision: str = "auto"  # autocast dtype of the step: auto (bf16 where native), float32, bfloat16
+    allow_changed_settings: bool = False  # resume even if settings that change the run differ from the checkpoint's
+
+
+def check_loop_settings(config: Any, counts: tuple[str, ...]) -> None:
+    """The checks every training config shares: a known precision, the ``counts`` fields >= 1 and a
+    positive learning rate (a :class:`~sundae.config.ConfigError` naming the field otherwise)."""
+    if config.precision not in PRECISION_CHOICES:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {config.precision!r}")
+    for name in counts:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
 
 
 def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
@@ -150,35 +183,6 @@ class ExponentialMovingAverage:
         self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
 
 
-class Throughput:
-    """How well a training loop uses the machine: the FLOPs of one optimizer step (counted on the
-    process's first step, which runs for real inside the counter) against the dense matmul rate
-    measured on this device and dtype at start-up, at the shape of the model's largest matmuls."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, *, rows: int, dim: int, enabled: bool) -> None:
-        from sundae.bench import measure_matmul_rate
-
-        self.enabled = enabled
-        self.flops_per_step: int | None = None
-        self.matmul_rate = measure_matmul_rate(min(rows, 8192), dim, dtype=dtype, device=device, repeats=3) \
-            if enabled else None
-
-    def run_step(self, step: Callable[[], None]) -> None:
-        if self.enabled and self.flops_per_step is None:
-            from sundae.bench import count_flops
-
-            self.flops_per_step = count_flops(step)
-        else:
-            step()
-
-    def fraction_of_matmul_rate(self, steps_per_second: float) -> dict[str, torch.Tensor]:
-        """``flops_per_second`` and ``matmul_fraction`` for the metrics (empty on other ranks)."""
-        if not self.enabled or not self.flops_per_step or not self.matmul_rate:
-            return {}
-        rate = self.flops_per_step * steps_per_second
-        return {"flops_per_second": torch.tensor(rate), "matmul_fraction": torch.tensor(rate / self.matmul_rate)}
-
-
 class MetricsLogger:
     """Rank-0 metrics sink: a stdout line, ``metrics.jsonl``, and TensorBoard when installed.
 
@@ -234,27 +238,81 @@ def progress_bar(*, total: int, initial: int, enabled: bool, description: str):
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def replace_directory_atomically(staging: Path, target: Path) -> None:
-    """Swap a fully written ``staging`` directory into ``target`` so a crash never leaves half a checkpoint.
-
-    The old checkpoint is moved aside first and deleted only once the new one is in place.
-    """
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old.exists():
-        shutil.rmtree(old)
+def is_due(done: int, every: int, last: int) -> bool:
+    """Whether the step that brings the count to ``done`` is a multiple of ``every`` or the ``last`` one."""
+    return done % every == 0 or done == last
 
 
-def staging_directory(target: Path) -> Path:
-    staging = target.with_name(target.name + ".staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
+class RunningMeans:
+    """Each step's metrics, summed on the device between two log lines (no host sync until then)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+        self.count += 1
+
+    def pop(self, context: DistributedContext) -> dict[str, torch.Tensor]:
+        """The means since the last call, averaged over ranks; the next window starts empty."""
+        means = mean_across_ranks({name: total / self.count for name, total in self.sums.items()}, context)
+        self.sums, self.count = {}, 0
+        return means
+
+
+class StepRate:
+    """Steps and samples per second since a loop started, for its log lines."""
+
+    def __init__(self, start_step: int, samples_per_step: int) -> None:
+        self.start_step, self.samples_per_step = start_step, samples_per_step
+        self.started = time.perf_counter()
+
+    def steps_per_second(self, done: int) -> float:
+        return (done - self.start_step) / (time.perf_counter() - self.started)
+
+    def metrics(self, steps_per_second: float) -> dict[str, torch.Tensor]:
+        return {"steps_per_second": torch.tensor(steps_per_second),
+                "samples_per_second": torch.tensor(steps_per_second * self.samples_per_step)}
+
+
+class Checkpointer:
+    """A run's ``OUT/checkpoint`` (resumable) and ``OUT/<export_name>`` (the usable model) folders;
+    subclasses write them (``save(step, ...)``, ``ensure_export(step, ...)``)."""
+
+    export_name: str
+
+    def __init__(self, output_dir: Path, config: Any) -> None:
+        self.output_dir = output_dir
+        self.config = config
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoint"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.output_dir / self.export_name
+
+    def save(self, step: int, *parts: Any) -> None:
+        raise NotImplementedError
+
+    def ensure_export(self, step: int, *parts: Any) -> None:
+        raise NotImplementedError
+
+    def save_when_due(self, done: int, context: DistributedContext, *parts: Any, every: int, last: int) -> None:
+        """Write the checkpoint of step ``done`` on the main rank when one is due; every rank waits for it."""
+        if is_due(done, every, last):
+            if context.is_main:
+                self.save(done, *parts)
+            barrier(context)
+
+    def finish(self, step: int, context: DistributedContext, *parts: Any) -> None:
+        """At the end of a run: rewrite a missing or stale export on the main rank; every rank waits."""
+        if context.is_main:
+            self.ensure_export(step, *parts)
+        barrier(context)
 
 
 @dataclass(frozen=True)
@@ -348,16 +406,6 @@ def exported_step(directory: Path) -> int | None:
     except CheckpointError:
         return None
     return step if isinstance(step, int) else None
-
-
-def recover_interrupted_checkpoint(target: Path) -> None:
-    """If a crash hit between the two renames of :func:`replace_directory_atomically`, restore the old copy."""
-    old = target.with_name(target.name + ".old")
-    if not target.exists() and old.exists():
-        os.replace(old, target)
-        log.warning("restored %s from an interrupted checkpoint swap", target)
-    elif old.exists():  # killed while deleting the previous copy, after the new one was in place
-        shutil.rmtree(old)
 
 
 def write_training_state(directory: Path, state: dict[str, Any]) -> None:

@@ -9,7 +9,8 @@ exactly resumable checkpoints.
 Output directory layout::
 
     OUT/checkpoint/   config.json, model.safetensors, training_state.pt   (resumable, latest)
-    OUT/model/        config.json, model.safetensors [, tokenizer/]       (the usable prior; EMA if on)
+    OUT/model/        model_index.json, prior/, [tokenizer/,] scheduler/  (the usable model: sundae.pipeline;
+                                                                          EMA weights if on)
     OUT/samples/      step_XXXXXXX.png sample grids
     OUT/metrics.jsonl
 """
@@ -19,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,26 +29,28 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sundae.checkpoint import CheckpointError, load_weights, read_json
-from sundae.config import ConfigBase, ConfigError, HourglassConfig
+from sundae.config import ConfigError, HourglassConfig, SamplingOptions
 from sundae.data.images import DatasetError
 from sundae.denoiser import Hourglass
-from sundae.runtime import PRECISION_CHOICES, autocast, resolve_training_precision
+from sundae.distributed import DistributedContext, mean_across_ranks, run_distributed
+from sundae.pipeline import PRIOR_SUBDIR, write_model_directory
+from sundae.runtime import autocast, resolve_training_precision
 from sundae.sundae import sundae_loss
 from sundae.training.common import (
-    ExponentialMovingAverage, MetricsLogger, Throughput, TrainingResult, batch_indices, check_same_settings, exported_step,
-    learning_rate, progress_bar, read_training_state, recover_interrupted_checkpoint, remove_orphan_temporaries, run_locked,
+    Checkpointer, ExponentialMovingAverage, MetricsLogger, RunningMeans, StepRate, TrainingLoopConfig,
+    TrainingResult, batch_indices, check_loop_settings, check_same_settings, exported_step, is_due, learning_rate,
+    progress_bar, read_training_state, recover_interrupted_checkpoint, remove_orphan_temporaries, run_locked,
     replace_directory_atomically, set_learning_rate, staging_directory, step_generator, step_seed,
     write_training_state,
 )
-from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, run_distributed
+from sundae.training.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class PriorTrainingConfig(ConfigBase):
+class PriorTrainingConfig(TrainingLoopConfig):
     data: str  # a latent dataset directory (sundae encode) or a pixel-token .npz (sundae.data.mnist)
-    output_dir: str
     model: dict[str, Any]  # HourglassConfig fields; codebook_size / latent_shape / num_classes come from the data
     steps: int = 10_000
     batch_size: int = 32  # per process, per micro-batch
@@ -60,37 +61,23 @@ class PriorTrainingConfig(ConfigBase):
     final_learning_rate_ratio: float = 0.1
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
-    grad_clip: float = 1.0
     unroll_steps: int = 2
     class_conditional: bool = True  # use the dataset's labels when it has them
     label_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
     ema_decay: float | None = None
-    seed: int = 0
-    log_every: int = 50
     eval_every: int = 500
     eval_batches: int = 8
     sample_every: int = 1000
     sample_steps: int = 50
-    checkpoint_every: int = 1000
-    stop_after_steps: int | None = None  # end this process early (time-boxed jobs); resume later
-    device: str | None = None
     compile: bool = False
-    precision: str = "auto"  # autocast dtype of the step: auto (bf16 where native), float32, bfloat16
-    allow_changed_settings: bool = False  # resume even if settings that change the run differ from the checkpoint's
 
     def validate(self) -> None:
-        if self.precision not in PRECISION_CHOICES:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
-        for name in ("steps", "batch_size", "gradient_accumulation", "log_every", "eval_every", "sample_every",
-                     "checkpoint_every", "eval_batches", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_loop_settings(self, ("steps", "batch_size", "gradient_accumulation", "log_every", "eval_every",
+                                   "sample_every", "checkpoint_every", "eval_batches", "sample_steps"))
         if self.unroll_steps < 1:
             raise ConfigError(f"unroll_steps must be >= 1 (the paper uses 2 or 3), got {self.unroll_steps}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
 class SundaeObjective(nn.Module):
@@ -197,22 +184,15 @@ RESUMABLE_CHANGES = frozenset({"data", "output_dir", "log_every", "eval_every", 
                                "allow_changed_settings"})
 
 
-class PriorCheckpointer:
+class PriorCheckpointer(Checkpointer):
     """Writes OUT/checkpoint (resumable) and OUT/model (usable prior + its tokenizer) atomically."""
 
+    export_name = "model"
+
     def __init__(self, output_dir: Path, config: PriorTrainingConfig, dataset) -> None:
-        self.output_dir = output_dir
-        self.config = config
+        super().__init__(output_dir, config)
         self.identity = data_identity(dataset)
         self.tokenizer_dir = _tokenizer_directory(dataset)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoint"
-
-    @property
-    def export_dir(self) -> Path:
-        return self.output_dir / "model"
 
     def extra(self, step: int) -> dict[str, Any]:
         return {"data": self.identity, "training": self.config.to_dict(), "step": step}
@@ -227,20 +207,18 @@ class PriorCheckpointer:
         self.export(step, model, ema)
 
     def export(self, step: int, model: Hourglass, ema: ExponentialMovingAverage | None) -> None:
-        """The usable prior: EMA weights when kept, with a copy of its tokenizer inside."""
-        staging = staging_directory(self.export_dir)
+        """The usable model directory: the prior (EMA weights when kept), a copy of its tokenizer's files,
+        and the library's sampling defaults as its scheduler (staged and swapped in whole)."""
         exported = model
         if ema is not None:
             exported = Hourglass(model.config)
             ema.copy_to(exported)
-        exported.save_pretrained(staging, extra=self.extra(step))
-        if self.tokenizer_dir is not None:
-            shutil.copytree(self.tokenizer_dir, staging / "tokenizer")
-        replace_directory_atomically(staging, self.export_dir)
+        write_model_directory(self.export_dir, prior=exported, tokenizer=self.tokenizer_dir,
+                              scheduler=SamplingOptions(), prior_extra=self.extra(step))
 
     def ensure_export(self, step: int, model: Hourglass, ema: ExponentialMovingAverage | None) -> None:
         """Re-export when the export is missing or older than the checkpoint (a kill during its swap)."""
-        if exported_step(self.export_dir) != step:
+        if exported_step(self.export_dir / PRIOR_SUBDIR) != step:
             log.info("exporting the prior of step %d to %s (it was missing or stale)", step, self.export_dir)
             self.export(step, model, ema)
 
@@ -286,7 +264,7 @@ def save_sample_grid(model: Hourglass, dataset, config: PriorTrainingConfig, ste
                      name: str) -> Path:
     """Class-conditional grid of ``model`` (raw or EMA weights) at ``OUT/samples/step_XXXXXXX_<name>.png``."""
     from sundae.pipeline import decode_tokens_to_images, load_decoder_for
-    from sundae.sampler import SamplingOptions, sample
+    from sundae.sampler import sample
     from sundae.data.images import save_image_grid
 
     num_classes = model.config.num_classes
@@ -348,17 +326,15 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
                  str(compute_dtype).removeprefix("torch."), "off" if ema is None else f"decay {ema.decay}")
     end_step = config.steps if config.stop_after_steps is None else min(config.steps, start_step + config.stop_after_steps)
     bar = progress_bar(total=config.steps, initial=start_step, enabled=context.is_main, description="train prior")
-    running: dict[str, Tensor] = {}
-    running_count = 0
+    running = RunningMeans()
     throughput = Throughput(context.device, compute_dtype, rows=config.batch_size * math.prod(model_config.latent_shape),
                             dim=model_config.dim, enabled=context.is_main)
-    started = time.perf_counter()
+    rate = StepRate(start_step, config.batch_size * config.gradient_accumulation * context.world_size)
     for step in range(start_step, end_step):
         set_learning_rate(optimizer, learning_rate(step, base=config.learning_rate, warmup_steps=config.warmup_steps,
                                                    total_steps=config.steps, schedule=config.schedule,
                                                    final_ratio=config.final_learning_rate_ratio))
         def accumulate_gradients() -> None:
-            nonlocal running_count
             for micro in range(config.gradient_accumulation):
                 micro_step = step * config.gradient_accumulation + micro
                 indices = batch_indices(micro_step, dataset_size=len(dataset), batch_size=config.batch_size,
@@ -372,9 +348,7 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
                 with sync, autocast(context.device, compute_dtype):
                     loss, metrics = objective(tokens, labels, generator)
                     (loss / config.gradient_accumulation).backward()
-                for name, value in {"loss": loss.detach(), **metrics}.items():
-                    running[name] = running.get(name, 0.0) + value.detach().float()
-                running_count += 1
+                running.add({"loss": loss.detach(), **metrics})
 
         throughput.run_step(accumulate_gradients)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -384,22 +358,17 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
             ema.update(model)
         bar.update(1)
         done = step + 1
-        if done % config.log_every == 0 or done == end_step:
-            averaged = mean_across_ranks({k: v / running_count for k, v in running.items()}, context)
-            averaged["grad_norm"] = grad_norm
-            averaged["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
-            steps_per_second = (done - start_step) / (time.perf_counter() - started)
-            averaged["steps_per_second"] = torch.tensor(steps_per_second)
-            averaged["samples_per_second"] = torch.tensor(
-                steps_per_second * config.batch_size * config.gradient_accumulation * context.world_size)
-            averaged.update(throughput.fraction_of_matmul_rate(steps_per_second))
+        if is_due(done, config.log_every, end_step):
+            steps_per_second = rate.steps_per_second(done)
+            averaged = {**running.pop(context), "grad_norm": grad_norm,
+                        "lr": torch.tensor(optimizer.param_groups[0]["lr"]), **rate.metrics(steps_per_second),
+                        **throughput.fraction_of_matmul_rate(steps_per_second)}
             values = metrics_logger.log(done, averaged, prefix="train/")
             if values:
                 bar.set_postfix(loss=f"{values['train/loss']:.3f}",
                                 samples_per_s=f"{values['train/samples_per_second']:.0f}")
-            running, running_count = {}, 0
-        evaluating = done % config.eval_every == 0 or done == config.steps
-        sampling = context.is_main and (done % config.sample_every == 0 or done == config.steps)
+        evaluating = is_due(done, config.eval_every, config.steps)
+        sampling = context.is_main and is_due(done, config.sample_every, config.steps)
         # the EMA weights are what ships: measure them too (one copy of them per step that needs it)
         ema_model = _ema_model(model, ema) if ema is not None and (evaluating or sampling) else None
         if evaluating:
@@ -414,15 +383,10 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
             if ema_model is not None:
                 path = save_sample_grid(ema_model, dataset, config, done, context.device, name="ema")
                 log.info("samples at step %d (EMA weights): %s", done, path)
-        if done % config.checkpoint_every == 0 or done == end_step:
-            if context.is_main:
-                checkpointer.save(done, model, optimizer, ema)
-            barrier(context)
+        checkpointer.save_when_due(done, context, model, optimizer, ema, every=config.checkpoint_every, last=end_step)
     bar.close()
     metrics_logger.close()
-    if context.is_main:
-        checkpointer.ensure_export(end_step, model, ema)
-    barrier(context)
+    checkpointer.finish(end_step, context, model, ema)
     return TrainingResult(checkpointer.export_dir, step=end_step, total_steps=config.steps)
 
 

@@ -1,10 +1,12 @@
 """Training loop of the VQ-GAN tokenizer (paper §3.5, Table 4, Eq. 7): orchestration only.
 
 The loss math lives in :mod:`sundae.tokenizer.losses` (L1 + perceptual + patch-GAN with the
-adaptive weight λ, codebook + commitment terms); this module alternates generator and
-discriminator steps with two AdamW optimizers, clips gradients, runs bf16 autocast on CUDA and
-DDP under ``torchrun``, logs codebook usage and perplexity, saves reconstruction grids, and
-writes atomic, exactly resumable checkpoints.
+adaptive weight λ, codebook + commitment terms). Here :func:`generator_step` and
+:func:`discriminator_step` each run one update with its own AdamW optimizer (gradients clipped,
+autocast in the training precision); the loop alternates them (the discriminator from
+``discriminator_start`` on), restarts dead codes (:class:`DeadCodeReviver`), runs DDP under
+``torchrun``, logs codebook usage and perplexity, saves reconstruction grids
+(:mod:`sundae.eval.reconstruction`), and writes atomic, exactly resumable checkpoints.
 
 Output directory layout::
 
@@ -17,8 +19,6 @@ Output directory layout::
 from __future__ import annotations
 
 import logging
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,27 +29,27 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sundae.checkpoint import CheckpointError, load_weights, read_json, save_weights
-from sundae.config import ConfigBase, ConfigError, VQGANConfig
-from sundae.data.images import DatasetError, ImageFolder, UnreadableImageError, save_image_grid
-from sundae.runtime import PRECISION_CHOICES, autocast, resolve_training_precision
-from sundae.tokenizer import VQGAN
-from sundae.tokenizer.vqgan import codebook_statistics
+from sundae.config import ConfigError, VQGANConfig
+from sundae.data.images import ImageFolder
+from sundae.distributed import DistributedContext, run_distributed
+from sundae.eval.reconstruction import reconstruction_metrics, save_reconstruction_grid
+from sundae.runtime import autocast, resolve_training_precision
+from sundae.tokenizer import VQGAN, VQGANOutput
 from sundae.tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from sundae.tokenizer.losses import TokenizerLossConfig, build_perceptual_loss, discriminator_loss, generator_loss
 from sundae.training.common import (
-    MetricsLogger, StepBatchSampler, batch_indices, check_same_settings, exported_step, learning_rate, progress_bar,
-    read_training_state, recover_interrupted_checkpoint, remove_orphan_temporaries, run_locked, replace_directory_atomically,
-    TrainingResult, set_learning_rate, staging_directory, step_seed, write_training_state,
+    Checkpointer, MetricsLogger, RunningMeans, StepBatchSampler, StepRate, TrainingLoopConfig, TrainingResult,
+    batch_indices, check_loop_settings, check_same_settings, exported_step, is_due, learning_rate, progress_bar,
+    read_training_state, recover_interrupted_checkpoint, remove_orphan_temporaries, replace_directory_atomically,
+    run_locked, set_learning_rate, staging_directory, step_seed, write_training_state,
 )
-from sundae.training.distributed import DistributedContext, barrier, mean_across_ranks, run_distributed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class TokenizerTrainingConfig(ConfigBase):
+class TokenizerTrainingConfig(TrainingLoopConfig):
     images: str  # an image folder (recursive; class sub-folders are ignored here)
-    output_dir: str
     model: dict[str, Any]  # VQGANConfig fields
     loss: dict[str, Any]  # TokenizerLossConfig fields
     discriminator: dict[str, Any]  # DiscriminatorConfig fields
@@ -61,30 +61,16 @@ class TokenizerTrainingConfig(ConfigBase):
     schedule: str = "constant"
     betas: tuple[float, float] = (0.5, 0.9)  # taming's VQGAN betas
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 50
     image_every: int = 500
-    checkpoint_every: int = 1000
     revive_dead_codes_every: int | None = 200  # None: never (plain taming training)
-    stop_after_steps: int | None = None
     num_workers: int = 0
-    device: str | None = None
-    precision: str = "auto"  # autocast dtype of the step: auto (bf16 where native), float32, bfloat16
-    allow_changed_settings: bool = False  # resume even if settings that change the run differ from the checkpoint's
     init_from: str | None = None  # a tokenizer directory whose weights the run starts from
     decoder_only: bool = False  # train the decoder only: the codes (encoder, codebook) stay exactly as they are
 
     def validate(self) -> None:
         if self.decoder_only and self.init_from is None:
             raise ConfigError("decoder_only fine-tunes a trained tokenizer: give init_from (--init-from DIR)")
-        if self.precision not in PRECISION_CHOICES:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
-        for name in ("steps", "batch_size", "log_every", "image_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_loop_settings(self, ("steps", "batch_size", "log_every", "image_every", "checkpoint_every"))
 
 
 class DeadCodeReviver:
@@ -103,6 +89,15 @@ class DeadCodeReviver:
 
     def observe(self, indices: Tensor) -> None:
         self.counts += torch.bincount(indices.flatten().cpu(), minlength=len(self.counts))
+
+    def after_step(self, step: int, indices: Tensor, vqgan: VQGAN, images: Tensor, seed: int,
+                   context: DistributedContext) -> int:
+        """Count the codes ``indices`` used at ``step`` and revive the dead ones when a window closes."""
+        self.observe(indices)
+        revived = self.maybe_revive(step, vqgan, images, seed, context)
+        if revived and context.is_main:
+            log.info("step %d: revived %d dead codes", step + 1, revived)
+        return revived
 
     @torch.no_grad()
     def maybe_revive(self, step: int, vqgan: VQGAN, images: Tensor, seed: int, context: DistributedContext) -> int:
@@ -137,18 +132,11 @@ RESUMABLE_CHANGES = frozenset({"images", "output_dir", "log_every", "image_every
                                "stop_after_steps", "num_workers", "device", "allow_changed_settings"})
 
 
-class TokenizerCheckpointer:
-    def __init__(self, output_dir: Path, config: TokenizerTrainingConfig) -> None:
-        self.output_dir = output_dir
-        self.config = config
+class TokenizerCheckpointer(Checkpointer):
+    """OUT/checkpoint: VQ-GAN, discriminator, both optimizers and the reviver's counts; OUT/tokenizer:
+    the usable tokenizer."""
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoint"
-
-    @property
-    def export_dir(self) -> Path:
-        return self.output_dir / "tokenizer"
+    export_name = "tokenizer"
 
     def save(self, step: int, vqgan: VQGAN, discriminator: PatchDiscriminator,
              optimizers: dict[str, torch.optim.Optimizer], reviver: DeadCodeReviver | None) -> None:
@@ -204,30 +192,6 @@ def build_loader(dataset: ImageFolder, config: TokenizerTrainingConfig, start_st
                                        pin_memory=context.device.type == "cuda")
 
 
-@torch.no_grad()
-def save_reconstruction_grid(vqgan: VQGAN, images: Tensor, path: Path) -> Path:
-    vqgan.eval()
-    reconstructions = vqgan(images).reconstruction.float().clamp(-1, 1)
-    vqgan.train()
-    count = images.shape[0]
-    save_image_grid(torch.cat([images.float().cpu(), reconstructions.cpu()]), path, nrow=count)
-    return path
-
-
-@torch.no_grad()
-def reconstruction_metrics(vqgan: VQGAN, images: Tensor) -> dict[str, float]:
-    """L1 and PSNR (images mapped to [0, 1]) of the tokenizer on ``images``, plus codebook use."""
-    was_training = vqgan.training
-    vqgan.eval()
-    output = vqgan(images)
-    vqgan.train(was_training)
-    reconstructions = output.reconstruction.float().clamp(-1, 1)
-    l1 = (reconstructions - images).abs().mean().item() / 2.0
-    mse = (((reconstructions - images) / 2.0) ** 2).flatten(1).mean(dim=1)
-    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
-    return {"l1": l1, "psnr": psnr, "perplexity": output.perplexity.item(), "codebook_usage": output.codebook_usage.item()}
-
-
 def start_from(vqgan: VQGAN, directory: Path) -> None:
     """Initialise ``vqgan`` from a saved tokenizer of the same configuration."""
     saved = VQGAN.from_pretrained(directory)
@@ -253,54 +217,79 @@ def default_discriminator_start(steps: int) -> int:
     return min(15_000, (3 * steps) // 4)
 
 
-@torch.no_grad()
-def measure_reconstructions(vqgan: VQGAN, folder: ImageFolder, *, limit: int, batch_size: int,
-                            progress: bool = False) -> dict[str, Any]:
-    """L1 / PSNR / codebook statistics over up to ``limit`` readable images spread evenly over the
-    (class-sorted) folder. Unreadable files are skipped and counted, never replaced by a neighbour."""
-    from tqdm.auto import tqdm
-
-    device = next(vqgan.parameters()).device
-    step = max(1, len(folder) // max(1, min(limit, len(folder))))
-    positions = list(range(0, len(folder), step))[:limit]
-    totals: dict[str, float] = {"l1": 0.0, "psnr": 0.0}
-    shown = set(positions[:: max(1, len(positions) // 16)][:16])  # the grid: an even spread, every class
-    codes, grid, count, unreadable = [], [], 0, []
-    with tqdm(total=len(positions), unit="image", desc="reconstruct", disable=not progress, file=sys.stderr) as bar:
-        for start in range(0, len(positions), batch_size):
-            batch = []
-            for position in positions[start:start + batch_size]:
-                try:
-                    batch.append(folder.load(position))
-                    if position in shown:
-                        grid.append(batch[-1])
-                except UnreadableImageError as error:
-                    unreadable.append(folder.relative_paths[position])
-                    log.warning("skipping unreadable image %s", error)
-            bar.update(len(positions[start:start + batch_size]))
-            if not batch:
-                continue
-            images = torch.stack(batch).to(device)
-            measured = reconstruction_metrics(vqgan, images)
-            for name in totals:
-                totals[name] += measured[name] * len(images)
-            count += len(images)
-            codes.append(vqgan.encode(images).cpu())
-    if not count:
-        raise DatasetError(f"none of the {len(positions)} images tried under {folder.root} could be read")
-    perplexity, usage = codebook_statistics(torch.cat(codes), vqgan.config.codebook_size)
-    return {"images": count, "unreadable": len(unreadable), **{k: round(v / count, 4) for k, v in totals.items()},
-            "perplexity": round(perplexity.item(), 4), "codebook_usage": round(usage.item(), 4),
-            "grid_images": torch.stack(grid)}
+# --- the step functions ----------------------------------------------------------------------
 
 
-def train_tokenizer(config: TokenizerTrainingConfig) -> TrainingResult:
-    """Train (or resume) a VQ-GAN; returns the exported tokenizer directory and the step reached."""
-    return run_distributed(lambda context: run_locked(Path(config.output_dir), context, lambda: _train(config, context)),
-                           config.device)
+def generator_step(model: nn.Module, vqgan: VQGAN, images: Tensor, *, discriminator: nn.Module,
+                   perceptual: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                   step: int, loss_config: TokenizerLossConfig, compute_dtype: torch.dtype,
+                   grad_clip: float) -> tuple[VQGANOutput, dict[str, Tensor]]:
+    """One encoder / quantizer / decoder update on ``images`` (B, C, H, W) in [-1, 1] (Eq. 7).
+
+    ``model`` is ``vqgan`` itself or its DDP wrapper; the adaptive weight λ differentiates through
+    ``vqgan.last_layer``. Returns the forward's output (the discriminator step reuses its
+    reconstructions) and the detached metrics, with the clipped gradient norm.
+    """
+    with autocast(images.device, compute_dtype):
+        output = model(images)
+        loss, metrics = generator_loss(images=images, reconstructions=output.reconstruction,
+                                       quantizer_loss=output.quantizer_loss, discriminator=discriminator,
+                                       perceptual=perceptual, last_layer=vqgan.last_layer, step=step,
+                                       config=loss_config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    metrics["generator_grad_norm"] = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    return output, metrics
 
 
-def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> TrainingResult:
+def discriminator_step(model: nn.Module, images: Tensor, reconstructions: Tensor, *,
+                       parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, step: int,
+                       loss_config: TokenizerLossConfig, compute_dtype: torch.dtype,
+                       grad_clip: float) -> dict[str, Tensor]:
+    """One patch-discriminator update on real ``images`` against detached ``reconstructions``;
+    ``model`` is the discriminator or its DDP wrapper. Returns the detached metrics."""
+    with autocast(images.device, compute_dtype):
+        loss, metrics = discriminator_loss(images=images, reconstructions=reconstructions.detach(),
+                                           discriminator=model, step=step, config=loss_config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    return metrics
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerRun:
+    """Everything one tokenizer training process works with, built by :func:`prepare_run`."""
+
+    output_dir: Path
+    dataset: ImageFolder
+    vqgan: VQGAN
+    discriminator: PatchDiscriminator
+    generator_model: nn.Module  # vqgan, or its DDP wrapper
+    discriminator_model: nn.Module  # discriminator, or its DDP wrapper
+    perceptual: nn.Module
+    trained: list[nn.Parameter]  # the generator's parameters that this run updates
+    optimizers: dict[str, torch.optim.Optimizer]
+    loss_config: TokenizerLossConfig
+    compute_dtype: torch.dtype
+    reviver: DeadCodeReviver | None
+    checkpointer: TokenizerCheckpointer
+    start_step: int
+    end_step: int
+
+    @property
+    def state(self) -> tuple[Any, ...]:
+        """What a checkpoint holds, in :meth:`TokenizerCheckpointer.save`'s order."""
+        return self.vqgan, self.discriminator, self.optimizers, self.reviver
+
+
+def prepare_run(config: TokenizerTrainingConfig, context: DistributedContext) -> TokenizerRun:
+    """Build the models and optimizers (seeded by ``config.seed``) and restore the latest checkpoint."""
     output_dir = Path(config.output_dir)
     model_config = VQGANConfig.from_dict(config.model)
     loss_config = TokenizerLossConfig.from_dict(
@@ -314,7 +303,6 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Trai
     discriminator = PatchDiscriminator(DiscriminatorConfig.from_dict(
         {"in_channels": model_config.out_channels, **config.discriminator})).to(context.device)
     perceptual = build_perceptual_loss(loss_config).to(context.device)
-    compute_dtype = resolve_training_precision(config.precision, context.device)
     fused = context.device.type == "cuda"
     optimizers = {
         "generator": torch.optim.AdamW(trained, lr=config.learning_rate, betas=config.betas,
@@ -322,7 +310,6 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Trai
         "discriminator": torch.optim.AdamW(discriminator.parameters(), lr=config.learning_rate, betas=config.betas,
                                            weight_decay=config.weight_decay, fused=fused),
     }
-    discriminator_lr_ratio = (config.discriminator_learning_rate or config.learning_rate) / config.learning_rate
     checkpointer = TokenizerCheckpointer(output_dir, config)
     if context.is_main:
         remove_orphan_temporaries(output_dir)
@@ -331,90 +318,96 @@ def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> Trai
         reviver = DeadCodeReviver(model_config.codebook_size, config.revive_dead_codes_every)
     start_step = checkpointer.restore(vqgan, discriminator, optimizers, reviver)
     end_step = config.steps if config.stop_after_steps is None else min(config.steps, start_step + config.stop_after_steps)
-
     generator_model: nn.Module = vqgan
     discriminator_model: nn.Module = discriminator
     if context.enabled:
         device_ids = [context.local_rank] if context.device.type == "cuda" else None
         generator_model = DistributedDataParallel(vqgan, device_ids=device_ids)
         discriminator_model = DistributedDataParallel(discriminator, device_ids=device_ids)
+    return TokenizerRun(
+        output_dir=output_dir, dataset=dataset, vqgan=vqgan, discriminator=discriminator,
+        generator_model=generator_model, discriminator_model=discriminator_model, perceptual=perceptual,
+        trained=trained, optimizers=optimizers, loss_config=loss_config,
+        compute_dtype=resolve_training_precision(config.precision, context.device), reviver=reviver,
+        checkpointer=checkpointer, start_step=start_step, end_step=end_step)
 
-    fixed_images = torch.stack([dataset[i][0] for i in batch_indices(0, dataset_size=len(dataset),
-                                batch_size=min(8, len(dataset)), seed=config.seed + 1)]).to(context.device)
-    metrics_logger = MetricsLogger(output_dir, enabled=context.is_main, resume_step=start_step)
+
+def _log_settings(run: TokenizerRun, config: TokenizerTrainingConfig, context: DistributedContext) -> None:
+    model_config = run.vqgan.config
+    log.info("tokenizer: %s parameters, f=%d, codebook %d, perceptual features: %s, %d images from %s",
+             f"{sum(p.numel() for p in run.vqgan.parameters()):,}", model_config.downsample_factor,
+             model_config.codebook_size, run.perceptual.source, len(run.dataset), config.images)
+    gan_start = (f"from step {run.loss_config.discriminator_start}"
+                 if run.loss_config.discriminator_active(config.steps - 1) else "never (starts after the last step)")
+    log.info("settings: %d steps x batch %d, lr %g, precision %s (%s), GAN loss %s, dead-code restarts %s",
+             config.steps, config.batch_size * context.world_size, config.learning_rate, config.precision,
+             str(run.compute_dtype).removeprefix("torch."), gan_start,
+             "off" if run.reviver is None else f"every {config.revive_dead_codes_every} steps")
+
+
+def train_tokenizer(config: TokenizerTrainingConfig) -> TrainingResult:
+    """Train (or resume) a VQ-GAN; returns the exported tokenizer directory and the step reached."""
+    return run_distributed(lambda context: run_locked(Path(config.output_dir), context, lambda: _train(config, context)),
+                           config.device)
+
+
+def fixed_images_of(dataset: ImageFolder, seed: int, device: torch.device) -> Tensor:
+    """The up to 8 images whose reconstructions every grid and ``reconstruction/`` metric shows."""
+    indices = batch_indices(0, dataset_size=len(dataset), batch_size=min(8, len(dataset)), seed=seed + 1)
+    return torch.stack([dataset[i][0] for i in indices]).to(device)
+
+
+def save_reconstructions(vqgan: VQGAN, images: Tensor, done: int, output_dir: Path, logger: MetricsLogger) -> None:
+    """The grid ``OUT/reconstructions/step_XXXXXXX.png`` and the ``reconstruction/`` metrics of ``images``."""
+    path = save_reconstruction_grid(vqgan, images, output_dir / "reconstructions" / f"step_{done:07d}.png")
+    logger.log(done, reconstruction_metrics(vqgan, images), prefix="reconstruction/")
+    log.info("reconstructions at step %d: %s", done, path)
+
+
+def _train(config: TokenizerTrainingConfig, context: DistributedContext) -> TrainingResult:
+    run = prepare_run(config, context)
+    vqgan, loss_config = run.vqgan, run.loss_config
+    discriminator_lr_ratio = (config.discriminator_learning_rate or config.learning_rate) / config.learning_rate
+    fixed_images = fixed_images_of(run.dataset, config.seed, context.device)
+    metrics_logger = MetricsLogger(run.output_dir, enabled=context.is_main, resume_step=run.start_step)
     if context.is_main:
-        log.info("tokenizer: %s parameters, f=%d, codebook %d, perceptual features: %s, %d images from %s",
-                 f"{sum(p.numel() for p in vqgan.parameters()):,}", model_config.downsample_factor,
-                 model_config.codebook_size, perceptual.source, len(dataset), config.images)
-        gan_start = ("never (starts after the last step)" if loss_config.discriminator_start >= config.steps
-                     else f"from step {loss_config.discriminator_start}")
-        log.info("settings: %d steps x batch %d, lr %g, precision %s (%s), GAN loss %s, dead-code restarts %s",
-                 config.steps, config.batch_size * context.world_size, config.learning_rate, config.precision,
-                 str(compute_dtype).removeprefix("torch."), gan_start,
-                 "off" if reviver is None else f"every {config.revive_dead_codes_every} steps")
-        if start_step == 0:
-            metrics_logger.log(start_step, reconstruction_metrics(vqgan, fixed_images), prefix="reconstruction/")
-    bar = progress_bar(total=config.steps, initial=start_step, enabled=context.is_main, description="train tokenizer")
-    running: dict[str, Tensor] = {}
-    running_count = 0
-    started = time.perf_counter()
-    for step, (images, _) in enumerate(build_loader(dataset, config, start_step, end_step, context), start=start_step):
+        _log_settings(run, config, context)
+        if run.start_step == 0:
+            metrics_logger.log(0, reconstruction_metrics(vqgan, fixed_images), prefix="reconstruction/")
+    bar = progress_bar(total=config.steps, initial=run.start_step, enabled=context.is_main,
+                       description="train tokenizer")
+    running = RunningMeans()
+    rate = StepRate(run.start_step, config.batch_size * context.world_size)
+    loader = build_loader(run.dataset, config, run.start_step, run.end_step, context)
+    for step, (images, _) in enumerate(loader, start=run.start_step):
         images = images.to(context.device, non_blocking=True)
         lr = learning_rate(step, base=config.learning_rate, warmup_steps=config.warmup_steps,
                            total_steps=config.steps, schedule=config.schedule)
-        set_learning_rate(optimizers["generator"], lr)
-        set_learning_rate(optimizers["discriminator"], lr * discriminator_lr_ratio)
+        set_learning_rate(run.optimizers["generator"], lr)
+        set_learning_rate(run.optimizers["discriminator"], lr * discriminator_lr_ratio)
         torch.manual_seed(step_seed(config.seed, step, context.rank, stream=3))  # dropout / gumbel noise of this step
-
-        with autocast(context.device, compute_dtype):
-            output = generator_model(images)
-            loss, metrics = generator_loss(images=images, reconstructions=output.reconstruction,
-                                           quantizer_loss=output.quantizer_loss, discriminator=discriminator,
-                                           perceptual=perceptual, last_layer=vqgan.last_layer, step=step,
-                                           config=loss_config)
-        optimizers["generator"].zero_grad(set_to_none=True)
-        loss.backward()
-        metrics["generator_grad_norm"] = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
-        optimizers["generator"].step()
-
-        if step >= loss_config.discriminator_start:
-            with autocast(context.device, compute_dtype):
-                d_loss, d_metrics = discriminator_loss(images=images, reconstructions=output.reconstruction.detach(),
-                                                       discriminator=discriminator_model, step=step, config=loss_config)
-            optimizers["discriminator"].zero_grad(set_to_none=True)
-            d_loss.backward()
-            torch.nn.utils.clip_grad_norm_(discriminator.parameters(), config.grad_clip)
-            optimizers["discriminator"].step()
-            metrics.update(d_metrics)
+        output, metrics = generator_step(
+            run.generator_model, vqgan, images, discriminator=run.discriminator, perceptual=run.perceptual,
+            parameters=run.trained, optimizer=run.optimizers["generator"], step=step, loss_config=loss_config,
+            compute_dtype=run.compute_dtype, grad_clip=config.grad_clip)
+        if loss_config.discriminator_active(step):
+            metrics.update(discriminator_step(
+                run.discriminator_model, images, output.reconstruction,
+                parameters=list(run.discriminator.parameters()), optimizer=run.optimizers["discriminator"],
+                step=step, loss_config=loss_config, compute_dtype=run.compute_dtype, grad_clip=config.grad_clip))
         metrics.update(perplexity=output.perplexity, codebook_usage=output.codebook_usage)
-        if reviver is not None:
-            reviver.observe(output.indices)
-            revived = reviver.maybe_revive(step, vqgan, images, config.seed, context)
-            if revived and context.is_main:
-                log.info("step %d: revived %d dead codes", step + 1, revived)
-        for name, value in metrics.items():
-            running[name] = running.get(name, 0.0) + value.detach().float()
-        running_count += 1
+        if run.reviver is not None:
+            run.reviver.after_step(step, output.indices, vqgan, images, config.seed, context)
+        running.add(metrics)
         bar.update(1)
         done = step + 1
-        if done % config.log_every == 0 or done == end_step:
-            averaged = mean_across_ranks({k: v / running_count for k, v in running.items()}, context)
-            steps_per_second = (done - start_step) / (time.perf_counter() - started)
-            averaged["steps_per_second"] = torch.tensor(steps_per_second)
-            averaged["samples_per_second"] = torch.tensor(steps_per_second * config.batch_size * context.world_size)
-            metrics_logger.log(done, averaged, prefix="train/")
-            running, running_count = {}, 0
-        if context.is_main and (done % config.image_every == 0 or done == config.steps):
-            path = save_reconstruction_grid(vqgan, fixed_images, output_dir / "reconstructions" / f"step_{done:07d}.png")
-            metrics_logger.log(done, reconstruction_metrics(vqgan, fixed_images), prefix="reconstruction/")
-            log.info("reconstructions at step %d: %s", done, path)
-        if done % config.checkpoint_every == 0 or done == end_step:
-            if context.is_main:
-                checkpointer.save(done, vqgan, discriminator, optimizers, reviver)
-            barrier(context)
+        if is_due(done, config.log_every, run.end_step):
+            metrics_logger.log(done, {**running.pop(context), **rate.metrics(rate.steps_per_second(done))},
+                               prefix="train/")
+        if context.is_main and is_due(done, config.image_every, config.steps):
+            save_reconstructions(vqgan, fixed_images, done, run.output_dir, metrics_logger)
+        run.checkpointer.save_when_due(done, context, *run.state, every=config.checkpoint_every, last=run.end_step)
     bar.close()
     metrics_logger.close()
-    if context.is_main:
-        checkpointer.ensure_export(end_step, vqgan)
-    barrier(context)
-    return TrainingResult(output_dir / "tokenizer", step=end_step, total_steps=config.steps)
+    run.checkpointer.finish(run.end_step, context, vqgan)
+    return TrainingResult(run.output_dir / "tokenizer", step=run.end_step, total_steps=config.steps)

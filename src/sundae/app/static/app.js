@@ -28,7 +28,7 @@ function makeInput(field, classNames) {
   input.min = String(field.minimum);
   input.max = String(field.maximum);
   if (field.default !== null) input.value = String(field.default);
-  if (field.nullable) input.placeholder = "random";
+  if (field.nullable) input.placeholder = field.placeholder;
   return input;
 }
 

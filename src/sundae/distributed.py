@@ -1,4 +1,5 @@
-"""Process-group setup for ``torchrun`` (one process per GPU, or several CPU processes with gloo).
+"""Process groups for ``torchrun`` (one process per GPU, or several CPU processes with gloo), shared
+by training (data-parallel steps) and evaluation (samples shared out, features gathered to rank 0).
 
 Single-process runs need no launcher: with no ``WORLD_SIZE`` in the environment everything here
 degrades to rank 0 of 1 and no process group is created.
@@ -11,10 +12,11 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from sundae.runtime import resolve_device
 
@@ -81,18 +83,52 @@ def mean_across_ranks(values: dict[str, torch.Tensor], context: DistributedConte
 
 def configure_logging(is_main: bool) -> None:
     """stdlib logging on rank 0 only (other ranks report warnings and errors)."""
-    level = logging.INFO if is_main else logging.WARNING
     root = logging.getLogger()
+    level = min(root.level, logging.INFO) if is_main else logging.WARNING  # keep `sundae -v`'s debug level
     if not root.handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     root.setLevel(level)
 
 
-def run_distributed(train: Callable[[DistributedContext], T], device: str | None) -> T:
-    """Run ``train(context)`` inside this process's rank (see :func:`setup_distributed`), then leave the group."""
+def run_distributed(work: Callable[[DistributedContext], T], device: str | None) -> T:
+    """Run ``work(context)`` inside this process's rank (see :func:`setup_distributed`), then leave the group."""
     context = setup_distributed(device)
     configure_logging(context.is_main)
     try:
-        return train(context)
+        return work(context)
     finally:
         teardown_distributed()
+
+
+def shard(count: int, rank: int, world_size: int) -> range:
+    """The items of ``range(count)`` that ``rank`` of ``world_size`` handles: one contiguous block,
+    ``[rank * count // world_size, (rank + 1) * count // world_size)``. In rank order the blocks
+    cover every item once, in order, and their sizes differ by at most one."""
+    return range(rank * count // world_size, (rank + 1) * count // world_size)
+
+
+def gather_shards(rows: Tensor, count: int, context: DistributedContext) -> Tensor | None:
+    """Every rank's rows (n, ...) of its :func:`shard` of ``count`` items, concatenated in rank order (so
+    in item order) on rank 0's CPU; None on the other ranks; ``rows`` itself in a single process.
+    Exact: the values are only copied."""
+    if not context.enabled:
+        return rows
+    longest = -(-count // context.world_size)  # collectives move equal shapes: pad every shard to the longest
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[:len(rows)] = rows
+    padded = padded.to(context.device)
+    pieces = [torch.empty_like(padded) for _ in range(context.world_size)] if context.is_main else None
+    dist.gather(padded, pieces, dst=0)
+    if pieces is None:
+        return None
+    sizes = [len(shard(count, rank, context.world_size)) for rank in range(context.world_size)]
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)]).cpu()
+
+
+def broadcast_from_main(value: Any, context: DistributedContext) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if not context.enabled:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
