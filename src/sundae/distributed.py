@@ -91,11 +91,17 @@ def configure_logging(is_main: bool) -> None:
 
 
 def run_distributed(work: Callable[[DistributedContext], T], device: str | None) -> T:
-    """Run ``work(context)`` inside this process's rank (see :func:`setup_distributed`), then leave the group."""
+    """Run ``work(context)`` inside this process's rank (see :func:`setup_distributed`), then leave the group.
+
+    Ranks that finished meet at a barrier before leaving: a gloo rank that destroys its group while
+    a peer is still in its last collective aborts ("terminate called without an active exception").
+    A rank that failed leaves at once, so the others are not kept waiting on it."""
     context = setup_distributed(device)
     configure_logging(context.is_main)
     try:
-        return work(context)
+        result = work(context)
+        barrier(context)
+        return result
     finally:
         teardown_distributed()
 
