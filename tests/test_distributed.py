@@ -34,14 +34,18 @@ def test_one_process_gathers_its_own_rows_unchanged():
 
 
 GATHER_SCRIPT = """
+import sys
+from pathlib import Path
+
 import torch
 from sundae.distributed import broadcast_from_main, gather_shards, run_distributed, shard
 
-def work(context):
+def work(context):  # one file per rank: two ranks printing to one pipe interleave their lines
     items = torch.tensor(shard(7, context.rank, context.world_size), dtype=torch.float64)
     gathered = gather_shards(torch.stack([items, -items], dim=1), 7, context)  # (7, 2) on rank 0
     told = broadcast_from_main(f"from rank {context.rank}", context)
-    print(context.rank, told, None if gathered is None else gathered.tolist())
+    line = f"{context.rank} {told} {None if gathered is None else gathered.tolist()}"
+    (Path(sys.argv[1]) / f"rank{context.rank}.txt").write_text(line)
 
 run_distributed(work, "cpu")
 """
@@ -51,11 +55,12 @@ run_distributed(work, "cpu")
 def test_two_gloo_ranks_gather_uneven_shards_in_item_order(tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line[:2] in ("0 ", "1 "))
+    lines = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert lines == [f"0 from rank 0 {[[float(i), -float(i)] for i in range(7)]}", "1 from rank 0 None"]
 
 
