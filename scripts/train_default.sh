@@ -57,5 +57,5 @@ PY
 du -sh src/sundae/assets/default
 
 # 6. quality figures (classifier features, 10 000 held-out images, 2 000 class-balanced samples)
-stage evaluate python scripts/evaluate_default.py --model src/sundae/assets/default --latents "$run/latents" \
-  --num-samples 2000 --steps 50 --out benchmarks/results/quality-default.json
+stage evaluate python scripts/evaluate_quality.py --model src/sundae/assets/default --latents "$run/latents" \
+  --num-samples 2000 --out benchmarks/results/quality-default.json

@@ -1,7 +1,7 @@
 """The web app end to end in a real headless browser (Debian's Chromium driven by Playwright): generate,
 watch the result arrive, load it into the editor, paint a mask by dragging the mouse, inpaint several
 fills, see a refused field's message, upload images (one the model cannot edit as it is, with a notice),
-outpaint with the default extension, and stop a long run.
+outpaint with the default extension, stop a long run, and switch to another model.
 
 Needs ``scripts/install_browser.sh`` (CI runs it); without Chromium or Playwright this test fails
 with that instruction rather than skipping. A screenshot is left at ``tests/artifacts/app.png``.
@@ -18,7 +18,7 @@ from PIL import Image
 
 from sundae.app import BackgroundServer, create_app
 from sundae.pipeline import SundaePipeline
-from test_app_server import build_tiny_pipeline_dir
+from test_app_server import build_other_pipeline_dir, build_tiny_pipeline_dir
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path(__file__).parent / "artifacts" / "app.png"
@@ -51,9 +51,9 @@ def launch_chromium(playwright):
 def app_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     pipeline = SundaePipeline.from_pretrained(build_tiny_pipeline_dir(root / "model"), device="cpu")
-    app = create_app(pipeline, output_dir=root / "outputs")
+    app = create_app(pipeline, output_dir=root / "outputs", models={"other": build_other_pipeline_dir(root / "other")})
     with BackgroundServer(app) as server:
-        yield server.url, app
+        yield server.url, app, root
 
 
 def png_upload(name: str, side: int) -> dict:
@@ -72,7 +72,7 @@ def test_generate_paint_a_mask_and_inpaint_in_a_browser(app_url):
         from playwright.sync_api import expect, sync_playwright
     except ImportError:
         pytest.fail(f"playwright is not installed: {INSTALL_HINT}")
-    url, app = app_url
+    url, app, _ = app_url
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         try:
@@ -155,3 +155,39 @@ def test_generate_paint_a_mask_and_inpaint_in_a_browser(app_url):
         finally:
             browser.close()
     assert SCREENSHOT.stat().st_size > 1000
+
+
+def test_switching_models_rebuilds_the_forms_and_generates_with_the_chosen_model(app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _, root = app_url
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]", timeout=10_000)
+            options = page.locator("#model-select option")
+            expect(options).to_have_count(2)
+            assert [options.nth(i).text_content() for i in range(2)] == ["model", "other"]
+            expect(page.locator("#model-select")).to_have_value("model")
+            class_options = "#generate-fields [name=class_label] option"
+            expect(page.locator(class_options, has_text="rings")).to_have_count(1)
+
+            page.select_option("#model-select", "other")
+            expect(page.locator("#model-info")).to_contain_text("12×12 px · 2 classes")
+            page.wait_for_selector("body[data-ready=true]", timeout=10_000)
+            expect(page.locator(class_options, has_text="rings")).to_have_count(0)
+            expect(page.locator(class_options, has_text="right")).to_have_count(1)
+            assert page.evaluate("[state.editor.width, state.editor.height]") == [12, 12]
+
+            page.select_option("#generate-fields [name=class_label]", "right")
+            fill_fields(page, "generate", {"num_images": "1", "steps": "8", "seed": "4"})
+            page.click("#generate-button")
+            expect(page.locator("#generate-status")).to_contain_text("done: 1 image(s)", timeout=20_000)
+            image = pixels(page.locator("#generate-results img").first)
+            expected = SundaePipeline.from_pretrained(root / "other", device="cpu")(1, seed=4, class_labels="right",
+                                                                                    steps=8).images[0]
+            assert np.array_equal(image, np.asarray(expected))
+        finally:
+            browser.close()

@@ -627,7 +627,7 @@ def test_a_disconnected_client_stops_its_inpainting_through_the_step_callback(se
     """The prior carries no cancellation hooks: the sampler's step callback sees the flag and stops."""
     client, pipeline, app, root = served
     wait_until_idle(app)
-    assert not any(module is pipeline.prior for module in app.state.worker.modules)  # no hook stops it
+    assert not any(module is pipeline.prior for module in app.state.catalogue.get(None).watched)  # no hook
     saved = set(root.rglob("*"))
     counter = ForwardCounter(pipeline.prior)
     counter.delay = 0.005
@@ -646,7 +646,7 @@ def test_a_disconnected_client_stops_its_inpainting_through_the_step_callback(se
 
 
 def test_a_cancelled_job_stops_at_the_next_forward_and_a_queued_one_never_runs(pipeline):
-    worker = ModelWorker(pipeline.prior)
+    worker = ModelWorker()
     counter = ForwardCounter(pipeline.prior)
     events: dict[str, list] = {"running": [], "queued": []}
     ran_queued = []
@@ -655,7 +655,8 @@ def test_a_cancelled_job_stops_at_the_next_forward_and_a_queued_one_never_runs(p
         return {"taken": pipeline(1, seed=0, steps=100, early_stop=False,
                                   callback=lambda step, *_: job.cancel() if step == 2 else None).steps_taken.tolist()}
 
-    running = Job(kind="generate", run=cancel_after_three_steps, emit=events["running"].append)
+    running = Job(kind="generate", run=cancel_after_three_steps, emit=events["running"].append,
+                  watched=(pipeline.prior,))
     queued = Job(kind="generate", run=lambda job: ran_queued.append(job) or {}, emit=events["queued"].append)
     try:
         worker.submit(running)
@@ -712,3 +713,46 @@ def test_serve_binds_loopback_unless_asked_and_names_a_missing_model(tmp_path, m
     assert allowed_hosts_for("0.0.0.0") == ["*"]
     with pytest.raises(InputError, match="missing does not exist"):
         serve(tmp_path / "missing")
+
+
+# --- switching models ---------------------------------------------------------------------------
+
+
+def build_other_pipeline_dir(directory: Path) -> Path:
+    """A second model the page can switch to: another grid (12 x 12) and other classes."""
+    torch.manual_seed(1)
+    prior = Hourglass(HourglassConfig(codebook_size=256, dim=32, depth=(1, 1, 1), heads=2, head_dim=16,
+                                      latent_shape=(12, 12), num_classes=2))
+    return SundaePipeline(prior, PixelTokenizer(), class_names=["left", "right"]).save_pretrained(directory)
+
+
+def test_the_app_switches_between_models_by_name_and_loads_each_on_first_use(tmp_path):
+    first = load_pipeline(build_tiny_pipeline_dir(tmp_path / "tiny"), device="cpu")
+    other_dir = build_other_pipeline_dir(tmp_path / "other")
+    app = create_app(first, models={"other": other_dir, "broken": tmp_path / "missing"})
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        info = client.get("/api/info").json()
+        assert info["models"] == ["tiny", "other", "broken"] and info["model"]["name"] == "tiny"
+        assert info["model"]["image_size"] == [8, 8]
+        other = client.get("/api/info", params={"model": "other"}).json()
+        assert other["model"]["name"] == "other" and other["model"]["image_size"] == [12, 12]
+        assert other["model"]["class_names"] == ["left", "right"]
+        assert other["limits"]["max_canvas"] != info["limits"]["max_canvas"]  # limits follow the model
+        done = events_of(client.post("/api/generate", json={"model": "other", "num_images": 2, "seed": 4,
+                                                            "class_label": "right", **FAST}))[-1]
+        expected = SundaePipeline.from_pretrained(other_dir, device="cpu")(2, seed=4, class_labels="right", **FAST)
+        for url, image in zip(done["images"], expected.images):
+            assert decode_data_url(url).shape == (12, 12)
+            assert np.array_equal(decode_data_url(url), np.asarray(image))
+        # the first model still answers requests that name no model, with its own classes
+        plain = events_of(client.post("/api/generate", json={"num_images": 1, "seed": 4, **FAST}))[-1]
+        assert decode_data_url(plain["images"][0]).shape == (8, 8)
+        refused = client.post("/api/generate", json={"model": "tiny", "class_label": "right", **FAST})
+        assert refused.status_code == 422 and refused.json()["field"] == "class_label"
+        unknown = client.post("/api/generate", json={"model": "nope", **FAST})
+        assert unknown.status_code == 422 and unknown.json()["field"] == "model"
+        assert "nope" in unknown.json()["error"] and "tiny, other, broken" in unknown.json()["error"]
+        wrong_type = client.post("/api/generate", json={"model": 3, **FAST})
+        assert wrong_type.status_code == 422 and wrong_type.json()["field"] == "model"
+        broken = client.get("/api/info", params={"model": "broken"})
+        assert broken.status_code == 500 and "internal error" not in broken.json()["error"]

@@ -7,7 +7,7 @@ import torch
 
 from sundae.config import HOURGLASS_PRESETS, HourglassConfig
 from sundae.denoiser.hourglass import (
-    Blocks, Downsample, Hourglass, Layout, count_parameters, describe, level_layouts,
+    Blocks, Context, Downsample, Hourglass, Layout, count_parameters, describe, level_layouts,
 )
 from sundae.denoiser.rotary import Rotation, apply_rotary, rotary_angles
 from sundae.sundae import sundae_loss
@@ -211,8 +211,8 @@ def test_padding_is_masked_out_of_the_downsampling_attention() -> None:
     key_positions = torch.tensor([[0.5, 2.5], [0.0, 2.0], [1.0, 2.0]])
     expected = downsample.attention_layer(
         merged, Rotation.from_angles(rotary_angles(query_position, config.head_dim)),
-        context=torch.cat((merged, real), dim=1),
-        context_rotation=Rotation.from_angles(rotary_angles(key_positions, config.head_dim)),
+        Context(torch.cat((merged, real), dim=1), Rotation.from_angles(rotary_angles(key_positions, config.head_dim)),
+                None),
     )
     torch.testing.assert_close(downsample(x, blocks)[:, 1], expected[:, 0])
 

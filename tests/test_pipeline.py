@@ -145,6 +145,26 @@ def test_a_bfloat16_pipeline_saves_the_weights_it_loaded_bit_for_bit(tiny_pipeli
             assert torch.equal(saved[part][key].view(torch.int32), tensor.view(torch.int32)), key  # bit for bit
 
 
+
+def test_float16_weights_ship_at_half_the_size_and_load_as_the_rounded_float32_model(pipe, tiny_pipeline_dir,
+                                                                                   tmp_path):
+    pipe.save_pretrained(tmp_path / "half", weights_dtype=torch.float16)
+    original, saved = weight_files(tiny_pipeline_dir), weight_files(tmp_path / "half")
+    for part in ("prior", "tokenizer"):
+        for key, tensor in original[part].items():
+            expected_dtype = torch.float16 if tensor.is_floating_point() else tensor.dtype
+            assert saved[part][key].dtype == expected_dtype, key
+        size = (tmp_path / "half" / part / "model.safetensors").stat().st_size
+        full = (tiny_pipeline_dir / part / "model.safetensors").stat().st_size
+        assert 0.45 < size / full < 0.56, (part, size, full)
+    loaded = SundaePipeline.from_pretrained(tmp_path / "half", device="cpu")
+    for key, tensor in loaded.master_prior.state_dict().items():
+        assert tensor.dtype == original["prior"][key].dtype  # the model computes in its own precision
+        assert torch.equal(tensor, original["prior"][key].half().to(tensor.dtype)), key
+    images = loaded(2, seed=3, steps=3, output_type="pt").images
+    reference = pipe(2, seed=3, steps=3, output_type="pt").images
+    assert (images - reference).abs().mean() < 0.05
+
 def test_precision_leaves_the_modules_given_as_they_were(picture):
     torch.manual_seed(0)
     tokenizer = VQGAN(VQGANConfig(resolution=16, channels=32, channel_multipliers=(1, 2), num_res_blocks=1,

@@ -143,12 +143,20 @@ def content_hash(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write the model's ``state_dict`` as safetensors, with its :func:`content_hash` in the metadata."""
-    state = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None, *,
+                 dtype: torch.dtype | None = None) -> None:
+    """Write the model's ``state_dict`` as safetensors, with its :func:`content_hash` in the metadata.
+
+    ``dtype`` (e.g. ``torch.float16``) stores the floating-point tensors in that precision, to halve
+    a shipped model's size; loading casts them back to the model's own dtype."""
+    state = {k: _stored(v.detach().contiguous().cpu(), dtype) for k, v in unwrap_model(model).state_dict().items()}
     metadata = {**(metadata or {}), CONTENT_HASH_KEY: content_hash(state)}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def read_weights_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -237,11 +245,13 @@ class PretrainedMixin:
     config_class: ClassVar[type[ConfigBase]]
     config: ConfigBase
 
-    def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``config.json`` (plus ``extra`` entries under their own keys) and ``model.safetensors``."""
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, *,
+                        weights_dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` (plus ``extra`` entries under their own keys) and ``model.safetensors``
+        (floating-point tensors stored in ``weights_dtype`` when given, see :func:`save_weights`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_weights(self, directory / WEIGHTS_NAME)  # type: ignore[arg-type]
+        save_weights(self, directory / WEIGHTS_NAME, dtype=weights_dtype)  # type: ignore[arg-type]
         payload = {"class": type(self).__name__, "config": self.config.to_dict(), **(extra or {})}
         write_json_atomic(directory / CONFIG_NAME, payload)
         return directory

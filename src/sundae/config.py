@@ -34,6 +34,13 @@ MAX_RESOLUTION = 2**16
 MAX_LATENT_SIDE = 2**12
 MAX_LAYERS = 1024
 MAX_PARAMETERS = 2**32  # a rough per-model parameter estimate, checked before anything is allocated
+
+
+def check_parameter_budget(owner: str, estimate: int, knobs: str) -> None:
+    """Refuse a config whose rough parameter count is absurd before anything is allocated."""
+    if estimate > MAX_PARAMETERS:
+        raise ConfigError(f"{owner} describes about {estimate:.3g} parameters, more than the {MAX_PARAMETERS:.3g} "
+                          f"this code accepts; check {knobs}")
 MAX_INT = 2**63  # every int field must fit in 64 bits (torch and numpy take int64 at most)
 
 
@@ -338,12 +345,8 @@ class VQGANConfig(ConfigBase):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
         if not math.isfinite(self.beta) or self.beta < 0:
             raise ConfigError(f"beta must be a finite number >= 0, got {self.beta}", field="beta")
-        if self.parameter_estimate() > MAX_PARAMETERS:
-            raise ConfigError(
-                f"{owner} describes about {self.parameter_estimate():.3g} parameters, more than the "
-                f"{MAX_PARAMETERS:.3g} this code accepts; check channels, channel_multipliers, num_res_blocks "
-                f"and codebook_size"
-            )
+        check_parameter_budget(owner, self.parameter_estimate(),
+                               "channels, channel_multipliers, num_res_blocks and codebook_size")
 
     def parameter_estimate(self) -> int:
         """A rough upper estimate of the parameter count (3x3 convs of every residual and attention
@@ -384,6 +387,11 @@ VQGAN_PRESETS: dict[str, VQGANConfig] = {
     "fashion-mnist-f4": VQGANConfig(
         resolution=28, in_channels=1, out_channels=1, channels=64, channel_multipliers=(1, 2, 2), num_res_blocks=1,
         attention_resolutions=(7,), z_channels=32, embed_dim=32, codebook_size=1024,
+    ),
+    # the shipped emoji model's tokenizer: RGB 64x64 emoji -> 16x16 tokens (the paper's FFHQ256 grid)
+    "emoji-f4": VQGANConfig(
+        resolution=64, channels=32, channel_multipliers=(1, 2, 4), num_res_blocks=1, attention_resolutions=(16,),
+        z_channels=32, embed_dim=32, codebook_size=1024,
     ),
     # tiny model for tests
     "tiny-f4": VQGANConfig(
@@ -488,12 +496,8 @@ class HourglassConfig(ConfigBase):
             raise ConfigError(
                 f"latent_shape sides must be <= {MAX_LATENT_SIDE}, got {self.latent_shape}", field="latent_shape"
             )
-        if self.parameter_estimate() > MAX_PARAMETERS:
-            raise ConfigError(
-                f"{owner} describes about {self.parameter_estimate():.3g} parameters, more than the "
-                f"{MAX_PARAMETERS:.3g} this code accepts; check dim, depth, heads, head_dim, ff_multiplier "
-                f"and codebook_size"
-            )
+        check_parameter_budget(owner, self.parameter_estimate(),
+                               "dim, depth, heads, head_dim, ff_multiplier and codebook_size")
 
     def parameter_estimate(self) -> int:
         """A rough upper estimate of the parameter count, used to reject absurd configs early."""
@@ -536,6 +540,9 @@ HOURGLASS_PRESETS: dict[str, HourglassConfig] = {
     "fashion-mnist": _table3(256, (28, 28), (2, 8, 2), num_classes=10),
     "imagenet": _table3(1024, (16, 16), (3, 14, 3), heads=12, num_classes=1000),
     # tiny configs for tests and CPU experiments
+    # the shipped emoji model's prior: 16x16 tokens, 2x2 shortening to an 8x8 valley, sized for 2 CPU cores
+    "emoji": HourglassConfig(codebook_size=1024, dim=192, depth=(2, 4, 2), heads=3, head_dim=64, shorten_factor=4,
+                             latent_shape=(16, 16), num_classes=9),
     "tiny": HourglassConfig(codebook_size=64, dim=64, depth=(1, 2, 1), heads=4, head_dim=16, latent_shape=(8, 8)),
     "tiny-nested": HourglassConfig(codebook_size=64, dim=64, depth=(1, (1, 2, 1), 1), heads=4, head_dim=16,
                                    latent_shape=(8, 8)),
@@ -543,7 +550,7 @@ HOURGLASS_PRESETS: dict[str, HourglassConfig] = {
 
 # Table 3's "Unroll Steps" row: the training unroll T that goes with each preset.
 UNROLL_STEPS: dict[str, int] = {
-    "ffhq256": 3, "ffhq1024": 3, "celeba": 3, "mnist": 2, "fashion-mnist": 2, "imagenet": 3,
+    "ffhq256": 3, "ffhq1024": 3, "celeba": 3, "mnist": 2, "fashion-mnist": 2, "imagenet": 3, "emoji": 2,
     "tiny": 2, "tiny-nested": 2,
 }
 

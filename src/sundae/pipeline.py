@@ -195,13 +195,13 @@ def read_scheduler(path: str | os.PathLike) -> SamplingOptions:
         raise ConfigError(f"{path}: {error}", field=error.field) from None
 
 
-def _write_component(component: nn.Module | Path, target: Path,
-                     extra: dict[str, Any] | None = None) -> str | None:
+def _write_component(component: nn.Module | Path, target: Path, extra: dict[str, Any] | None = None,
+                     weights_dtype: torch.dtype | None = None) -> str | None:
     """Save a module into ``target``, or copy a component folder's config.json and model.safetensors
     unchanged (bit for bit); returns the component's class name (None if its config.json has none:
     :func:`read_model_index` then refuses the directory)."""
     if isinstance(component, nn.Module):
-        component.save_pretrained(target, extra=extra)
+        component.save_pretrained(target, extra=extra, weights_dtype=weights_dtype)
         return type(component).__name__
     target.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -211,14 +211,16 @@ def _write_component(component: nn.Module | Path, target: Path,
 
 
 def write_model_directory(directory: str | os.PathLike, *, prior: Hourglass | Path, tokenizer: nn.Module | Path | None,
-                          scheduler: SamplingOptions, prior_extra: dict[str, Any] | None = None) -> Path:
+                          scheduler: SamplingOptions, prior_extra: dict[str, Any] | None = None,
+                          weights_dtype: torch.dtype | None = None) -> Path:
     """Write a model directory (module docstring) into ``<directory>.staging`` and swap it in whole, so an
     interrupted save leaves the previous one intact.
 
     ``prior`` and ``tokenizer`` are modules to save or component folders to copy unchanged; a tokenizer
     that is None or a :class:`PixelTokenizer` gets no folder. ``prior_extra`` goes into a saved prior's
-    config.json. Saving replaces the whole folder, so an existing ``directory`` must be empty or a
-    model directory (it holds a model_index.json or, in the old layout, a config.json).
+    config.json; ``weights_dtype`` (e.g. ``torch.float16``) stores saved modules' floating-point
+    weights in that precision. Saving replaces the whole folder, so an existing ``directory`` must be
+    empty or a model directory (it holds a model_index.json or, in the old layout, a config.json).
     """
     directory = Path(directory)
     if directory.is_dir() and any(directory.iterdir()) and \
@@ -226,10 +228,10 @@ def write_model_directory(directory: str | os.PathLike, *, prior: Hourglass | Pa
         raise CheckpointError(f"{directory} holds other files and no model; save into a new or empty folder "
                               "(saving replaces the whole folder)")
     staging = staging_directory(directory)
-    components = {"prior": _write_component(prior, staging / PRIOR_SUBDIR, prior_extra),
+    components = {"prior": _write_component(prior, staging / PRIOR_SUBDIR, prior_extra, weights_dtype),
                   "tokenizer": PixelTokenizer.__name__}
     if tokenizer is not None and not isinstance(tokenizer, PixelTokenizer):
-        components["tokenizer"] = _write_component(tokenizer, staging / TOKENIZER_SUBDIR)
+        components["tokenizer"] = _write_component(tokenizer, staging / TOKENIZER_SUBDIR, None, weights_dtype)
     components["scheduler"] = SamplingOptions.__name__
     write_json_atomic(staging / SCHEDULER_SUBDIR / CONFIG_NAME,
                       {"class": SamplingOptions.__name__, "config": scheduler.to_dict()})
@@ -412,14 +414,17 @@ class SundaePipeline:
         return cls(prior, tokenizer, class_names=data.get("class_names"), name=directory.name,
                    sampling_defaults=read_scheduler(directory / SCHEDULER_SUBDIR / CONFIG_NAME), **runtime)
 
-    def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, *,
+                        weights_dtype: torch.dtype | None = None) -> Path:
         """Write the model directory (:func:`write_model_directory`: staged and swapped in whole): the
-        master weights (as given, whatever the precision the pipeline runs in) and ``sampling_defaults``
-        as its scheduler; ``extra`` entries go into the prior's config.json."""
+        master weights (as given, whatever the precision the pipeline runs in; stored in ``weights_dtype``
+        when given, e.g. ``torch.float16`` to ship at half the size) and ``sampling_defaults`` as its
+        scheduler; ``extra`` entries go into the prior's config.json."""
         payload = {"data": {"codebook_size": self.prior.config.codebook_size, "class_names": self.class_names,
                             "grid_shape": list(self.prior.config.latent_shape)}}
         return write_model_directory(directory, prior=self.master_prior, tokenizer=self.master_tokenizer,
-                                     scheduler=self.sampling_defaults, prior_extra={**payload, **(extra or {})})
+                                     scheduler=self.sampling_defaults, prior_extra={**payload, **(extra or {})},
+                                     weights_dtype=weights_dtype)
 
     def sampling_options(self, options: SamplingOptions | Mapping[str, Any] | None = None, *, edit: bool = False,
                          has_class: bool = True, **overrides: Any) -> SamplingOptions:

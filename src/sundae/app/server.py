@@ -31,6 +31,8 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
@@ -43,13 +45,16 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from torch import nn
 
 import sundae.app.operations as operations
 from sundae.app.validation import (DEFAULT_MAX_CANVAS_SCALE, MAX_IMAGES, MAX_JSON_DEPTH, MAX_STEPS, OPERATIONS,
-                                   CanvasLimit, RequestError, describe_fields, operation_fields, read_request)
+                                   CanvasLimit, RequestError, describe_fields, operation_fields, parse_json,
+                                   read_fields)
 from sundae.app.worker import Event, Job, ModelWorker
 from sundae.checkpoint import CheckpointError, read_json
-from sundae.models import model_directory
+from sundae.errors import InputError
+from sundae.models import SHIPPED_MODELS, model_directory
 from sundae.pipeline import MODEL_INDEX_NAME, SundaePipeline
 from sundae.tokenizer.pixels import PixelTokenizer
 
@@ -86,7 +91,7 @@ def body_too_large(max_bytes: int) -> RequestError:
 
 async def read_json_body(request: Request, max_bytes: int) -> bytes:
     """The request's body, refusing bodies over ``max_bytes`` before (Content-Length) or while reading them,
-    and anything not sent as JSON; it is parsed by :func:`~sundae.app.validation.read_request`."""
+    and anything not sent as JSON; it is parsed by :func:`~sundae.app.validation.parse_json`."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise RequestError("send the request as JSON (Content-Type: application/json)", status=415)
     declared = request.headers.get("content-length")
@@ -104,7 +109,8 @@ def json_line(event: Event) -> bytes:
     return (json.dumps(event, separators=(",", ":")) + "\n").encode()
 
 
-def stream_job(worker: ModelWorker, kind: str, run: Callable[[Job], dict[str, Any]]) -> StreamingResponse:
+def stream_job(worker: ModelWorker, kind: str, run: Callable[[Job], dict[str, Any]], *,
+               watched: tuple[nn.Module, ...] = ()) -> StreamingResponse:
     """Queue the job and stream its events; the job is cancelled when the stream ends early (disconnect)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event | None] = asyncio.Queue()
@@ -113,7 +119,7 @@ def stream_job(worker: ModelWorker, kind: str, run: Callable[[Job], dict[str, An
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-    job = Job(kind=kind, run=run, emit=emit)
+    job = Job(kind=kind, run=run, emit=emit, watched=watched)
 
     async def body() -> AsyncIterator[bytes]:
         try:  # submitted here, so a response that never starts (client gone) queues nothing
@@ -132,29 +138,45 @@ def operation_endpoint(kind: str, max_body_bytes: int) -> Callable[[Request], Aw
         state = request.app.state
         try:
             body = await read_json_body(request, max_body_bytes)
-            # parsing and decoding images take a while; a thread keeps the event loop streaming others' previews
-            values = await run_in_threadpool(read_request, body, state.fields[kind])
-            prepared = await run_in_threadpool(operations.prepare, state.pipeline, kind, values, state.canvas)
+            # parsing, loading a model the first time it is asked for and decoding images take a while; a
+            # thread keeps the event loop streaming others' previews
+            payload = await run_in_threadpool(parse_json, body)
+            served = await run_in_threadpool(state.catalogue.get, pop_model_name(payload))
+            values = await run_in_threadpool(read_fields, payload, served.fields[kind])
+            prepared = await run_in_threadpool(operations.prepare, served.pipeline, kind, values, served.canvas)
         except RequestError:
             raise
         except Exception as error:  # answered here: Starlette's last-resort handler re-raises, and uvicorn then
             logger.exception("a %s request failed", kind)  # drops the connection after the response
             return internal_error_response(error)
         work = operations.generate if kind == "generate" else operations.edit
-        return stream_job(state.worker, kind, partial(work, state.pipeline, prepared, folder=state.folder))
+        return stream_job(state.worker, kind, partial(work, served.pipeline, prepared, folder=state.folder),
+                          watched=served.watched)
 
     return endpoint
 
 
+def pop_model_name(payload: Any) -> str | None:
+    """The optional ``model`` of a request body (taken out of it: the operation's fields do not have it)."""
+    if not isinstance(payload, dict) or "model" not in payload:
+        return None
+    name = payload.pop("model")
+    if not isinstance(name, str):
+        raise RequestError(f"must be a model's name (a string), got {type(name).__name__}", field="model")
+    return name
+
+
 async def info(request: Request) -> JSONResponse:
     state = request.app.state
+    served = await run_in_threadpool(state.catalogue.get, request.query_params.get("model"))
     return JSONResponse({
-        "model": model_facts(state.pipeline),
-        "limits": {"max_body_bytes": state.max_body_bytes, "max_canvas": list(state.canvas.max_size),
-                   "max_canvas_scale": state.canvas.scale, "max_images": MAX_IMAGES, "max_steps": MAX_STEPS,
-                   "max_batch_pixels": operations.request_pixel_budget(state.pipeline),
+        "model": model_facts(served.pipeline),
+        "models": state.catalogue.names,
+        "limits": {"max_body_bytes": state.max_body_bytes, "max_canvas": list(served.canvas.max_size),
+                   "max_canvas_scale": served.canvas.scale, "max_images": MAX_IMAGES, "max_steps": MAX_STEPS,
+                   "max_batch_pixels": operations.request_pixel_budget(served.pipeline),
                    "max_json_depth": MAX_JSON_DEPTH},
-        "operations": {kind: describe_fields(fields) for kind, fields in state.fields.items()},
+        "operations": {kind: describe_fields(fields) for kind, fields in served.fields.items()},
         "saving": state.folder is not None,
         "unfinished_jobs": state.worker.unfinished,
     })
@@ -183,24 +205,87 @@ async def internal_error(_: Request, error: Exception) -> JSONResponse:
     return internal_error_response(error)
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as the app serves it: its pipeline, the canvas bound and field tables that follow from it,
+    and the modules a cancelled job is stopped in (sampling stops through its step callback,
+    :meth:`Job.wanted`; encoding and decoding, long for a large canvas, check the cancel flag before the
+    forward of every tokenizer module, once a job: the checks cost nothing)."""
+
+    pipeline: SundaePipeline
+    canvas: CanvasLimit
+    fields: dict[str, dict[str, Any]]
+    watched: tuple[nn.Module, ...]
+
+    @classmethod
+    def of(cls, pipeline: SundaePipeline, max_canvas_scale: float) -> "ServedModel":
+        canvas = CanvasLimit(tuple(pipeline.image_size), max_canvas_scale)
+        pipeline.set_progress_bar_config(disable=True)  # the server logs; previews show the progress
+        fields = operation_fields(canvas, pipeline.factor, pipeline.sampling_options(),
+                                  pipeline.sampling_options(edit=True))
+        return cls(pipeline, canvas, fields, tuple(pipeline.tokenizer.modules()))
+
+
+class ModelCatalogue:
+    """The models the page can switch between, by name: the one the app was started with (the default of
+    a request that names none) and the ``others`` (name -> model directory), each loaded the first time
+    it is asked for, on the first model's device and in its precision."""
+
+    def __init__(self, first: SundaePipeline, others: Mapping[str, str | os.PathLike], max_canvas_scale: float) -> None:
+        self._max_canvas_scale = max_canvas_scale
+        self._first = first.name
+        self._loaded = {first.name: ServedModel.of(first, max_canvas_scale)}
+        self._directories = {name: Path(path) for name, path in others.items() if name != first.name}
+        self._device, self._precision = first.device, first.precision
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return [self._first, *self._directories]
+
+    def get(self, name: str | None) -> ServedModel:
+        """The served model called ``name`` (None: the first), loading it on first use."""
+        name = self._first if name is None else name
+        with self._lock:  # two first requests for one model load it once
+            if name not in self._loaded:
+                if name not in self._directories:
+                    raise RequestError(f"unknown model {name!r}; this app serves {', '.join(self.names)}",
+                                       field="model")
+                try:
+                    pipeline = SundaePipeline.from_pretrained(self._directories[name], device=self._device,
+                                                              precision=self._precision)
+                except InputError as error:  # a model directory gone or broken since the app started
+                    raise RequestError(f"model {name!r} could not be loaded: {error}", field="model",
+                                       status=500) from None
+                pipeline.name = name
+                self._loaded[name] = ServedModel.of(pipeline, self._max_canvas_scale)
+                logger.info("loaded model %s from %s", name, self._directories[name])
+            return self._loaded[name]
+
+
+def shipped_model_directories() -> dict[str, Path]:
+    return {name: model.directory for name, model in SHIPPED_MODELS.items()}
+
+
 def create_app(pipeline: SundaePipeline, *, output_dir: str | os.PathLike | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_canvas_scale: float = DEFAULT_MAX_CANVAS_SCALE,
-               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> Starlette:
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+               models: Mapping[str, str | os.PathLike] | None = None) -> Starlette:
     """The ASGI app over ``pipeline``; results are also saved in ``output_dir`` when it is given.
 
     ``max_canvas_scale``: an uploaded image or an outpainted canvas may be at most this many times the
     model's image size on each side. ``allowed_hosts`` are the Host header values answered (``["*"]``: any).
+    ``models`` (name -> model directory; default: the shipped models) are the others the page can switch
+    to; a request names its model in a ``model`` field, and one without it uses ``pipeline``.
     """
-    canvas = CanvasLimit(tuple(pipeline.image_size), max_canvas_scale)
     folder = None
     if output_dir is not None:
         directory = Path(output_dir).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         folder = operations.ResultFolder(directory)
-    # sampling stops through its step callback (:meth:`Job.wanted`); encoding and decoding, long for a large
-    # canvas, check the cancel flag before the forward of every tokenizer module (once a job: the checks cost nothing)
-    worker = ModelWorker(*pipeline.tokenizer.modules())
-    pipeline.set_progress_bar_config(disable=True)  # the server logs; previews show the progress
+    catalogue = ModelCatalogue(pipeline, shipped_model_directories() if models is None else models,
+                               max_canvas_scale)
+    worker = ModelWorker()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -214,10 +299,8 @@ def create_app(pipeline: SundaePipeline, *, output_dir: str | os.PathLike | None
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={RequestError: request_error, Exception: internal_error},
                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))])
-    app.state.pipeline, app.state.worker, app.state.folder = pipeline, worker, folder
-    app.state.max_body_bytes, app.state.canvas = max_body_bytes, canvas
-    app.state.fields = operation_fields(canvas, pipeline.factor, pipeline.sampling_options(),
-                                        pipeline.sampling_options(edit=True))
+    app.state.catalogue, app.state.worker, app.state.folder = catalogue, worker, folder
+    app.state.max_body_bytes = max_body_bytes
     return app
 
 

@@ -22,7 +22,8 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from dataclasses import fields as dataclass_fields
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -91,33 +92,13 @@ class CanvasLimit:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Integer:
-    label: str
-    default: int | None
-    minimum: int
-    maximum: int
-    nullable: bool = False
-    placeholder: str | None = None  # what an empty (null) input means, shown in it
-    step: int = 1  # the page's input granularity
-
-    def read(self, name: str, value: Any) -> int | None:
-        if value is None and self.nullable:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            expected = "an integer or null" if self.nullable else "an integer"
-            raise RequestError(f"must be {expected}, got {shown(value)}", field=name)
-        if not self.minimum <= value <= self.maximum:
-            raise RequestError(f"must be in [{self.minimum}, {self.maximum}], got {value}", field=name)
-        return value
-
-    def describe(self) -> dict[str, Any]:
-        return {"type": "integer", "label": self.label, "default": self.default, "minimum": self.minimum,
-                "maximum": self.maximum, "nullable": self.nullable, "placeholder": self.placeholder,
-                "step": self.step}
-
-
-@dataclass(frozen=True, kw_only=True)
 class Number:
+    """A finite number in [minimum, maximum] (``(minimum, maximum]`` with ``exclusive_minimum``), or
+    null when ``nullable``; :class:`Integer` narrows it to integers."""
+
+    kind: ClassVar[str] = "number"
+    expected: ClassVar[str] = "a finite number"
+
     label: str
     default: float | None
     minimum: float
@@ -127,23 +108,38 @@ class Number:
     placeholder: str | None = None  # what an empty (null) input means, shown in it
     step: float = 0.05  # the page's input granularity
 
+    def accepts(self, value: Any) -> bool:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number and not (isinstance(value, float) and not math.isfinite(value))
+
     def read(self, name: str, value: Any) -> float | None:
         if value is None and self.nullable:
             return None
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not is_number or (isinstance(value, float) and not math.isfinite(value)):
-            expected = "a finite number or null" if self.nullable else "a finite number"
-            raise RequestError(f"must be {expected}, got {shown(value)}", field=name)
+        if not self.accepts(value):
+            raise RequestError(f"must be {self.expected}{' or null' if self.nullable else ''}, got {shown(value)}",
+                               field=name)
         too_low = value <= self.minimum if self.exclusive_minimum else value < self.minimum
         if too_low or value > self.maximum:
             bracket = "(" if self.exclusive_minimum else "["
             raise RequestError(f"must be in {bracket}{self.minimum}, {self.maximum}], got {value}", field=name)
-        return float(value)
+        return value if self.kind == "integer" else float(value)
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "number", "label": self.label, "default": self.default, "minimum": self.minimum,
-                "maximum": self.maximum, "exclusive_minimum": self.exclusive_minimum, "nullable": self.nullable,
-                "placeholder": self.placeholder, "step": self.step}
+        return {"type": self.kind, **{spec.name: getattr(self, spec.name) for spec in dataclass_fields(self)}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Integer(Number):
+    kind: ClassVar[str] = "integer"
+    expected: ClassVar[str] = "an integer"
+
+    default: int | None
+    minimum: int
+    maximum: int
+    step: int = 1
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,11 +275,6 @@ def parse_json(body: bytes) -> Any:
     if json_depth(value) > MAX_JSON_DEPTH:
         raise too_deep
     return value
-
-
-def read_request(body: bytes, fields: dict[str, Field]) -> dict[str, Any]:
-    """A request body parsed and validated against its operation's fields."""
-    return read_fields(parse_json(body), fields)
 
 
 def read_fields(body: Any, fields: dict[str, Field]) -> dict[str, Any]:

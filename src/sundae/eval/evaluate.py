@@ -19,7 +19,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -209,11 +209,35 @@ def class_labels_for(pipeline: SundaePipeline, num_samples: int, *, seed: int, c
     return torch.from_numpy(np.random.default_rng(seed).integers(0, num_classes, num_samples))
 
 
+@dataclass(frozen=True)
+class SampledBatch:
+    start: int  # index of its first sample
+    labels: Tensor | None  # (n,) the requested classes, or None for an unconditional model
+    output: Any  # the pipeline's SampleOutput (images in [-1, 1] as a tensor)
+    seconds: float  # sampling wall time
+
+
+def sample_batches(pipeline: SundaePipeline, *, samples: range, options: SamplingOptions, seed: int,
+                   labels: Tensor | None, batch_size: int, progress: bool,
+                   description: str = "evaluate") -> Iterator[SampledBatch]:
+    """Sample the images ``samples`` batch by batch: sample i with seed + i and label ``labels[i]``, so
+    the images do not depend on the batch size or on how the range is split across processes."""
+    with tqdm(total=len(samples), disable=not progress, unit="img", desc=description) as bar:
+        for start in range(samples.start, samples.stop, batch_size):
+            count = min(batch_size, samples.stop - start)
+            batch_labels = None if labels is None else labels[start:start + count]
+            started = time.perf_counter()
+            output = pipeline(count, class_labels=None if batch_labels is None else batch_labels.tolist(),
+                              seed=seed + start, output_type="pt", **options.to_dict())
+            yield SampledBatch(start, batch_labels, output, time.perf_counter() - started)
+            bar.update(count)
+
+
 def generate_features(pipeline: SundaePipeline, extractor: FeatureExtractor, *, samples: range,
                       options: SamplingOptions, seed: int, labels: Tensor | None, batch_size: int,
                       progress: bool) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Sample the images ``samples`` (sample i with seed + i and label ``labels[i]``) and extract their
-    features batch by batch, so no more than one batch of images is ever held.
+    """Sample the images ``samples`` (:func:`sample_batches`) and extract their features batch by batch,
+    so no more than one batch of images is ever held.
 
     Returns (rows, seconds): rows, one per sample, are ``features`` (n, D) float64, ``steps_taken``
     (n,) and, with a class-conditional model and an extractor that can ``classify``, ``class_hits``
@@ -223,21 +247,15 @@ def generate_features(pipeline: SundaePipeline, extractor: FeatureExtractor, *, 
     chunks, steps, hits = [], [], []
     classify = getattr(extractor, "classify", None) if labels is not None else None
     seconds = {"sampling_seconds": 0.0, "features_seconds": 0.0}
-    with tqdm(total=len(samples), disable=not progress, unit="img", desc="evaluate") as bar:
-        for start in range(samples.start, samples.stop, batch_size):
-            count = min(batch_size, samples.stop - start)
-            batch_labels = None if labels is None else labels[start:start + count]
-            started = time.perf_counter()
-            output = pipeline(count, class_labels=None if batch_labels is None else batch_labels.tolist(),
-                              seed=seed + start, output_type="pt", **options.to_dict())
-            seconds["sampling_seconds"] += time.perf_counter() - started
-            started = time.perf_counter()
-            chunks.append(torch.from_numpy(extractor(output.images)))
-            if classify is not None:
-                hits.append((classify(output.images) == batch_labels).long())
-            seconds["features_seconds"] += time.perf_counter() - started
-            steps.append(output.steps_taken)
-            bar.update(count)
+    for batch in sample_batches(pipeline, samples=samples, options=options, seed=seed, labels=labels,
+                                batch_size=batch_size, progress=progress):
+        seconds["sampling_seconds"] += batch.seconds
+        started = time.perf_counter()
+        chunks.append(torch.from_numpy(extractor(batch.output.images)))
+        if classify is not None:
+            hits.append((classify(batch.output.images) == batch.labels).long())
+        seconds["features_seconds"] += time.perf_counter() - started
+        steps.append(batch.output.steps_taken)
     rows = {"features": torch.cat(chunks), "steps_taken": torch.cat(steps)}
     if hits:
         rows["class_hits"] = torch.cat(hits)

@@ -288,14 +288,76 @@ def train_prior(config: PriorTrainingConfig) -> TrainingResult:
                            config.device)
 
 
-def _train(config: PriorTrainingConfig, context: DistributedContext) -> TrainingResult:
-    output_dir = Path(config.output_dir)
+def _open_splits(config: PriorTrainingConfig) -> tuple[Any, Any]:
+    """The train and validation token datasets, refused before any step runs when one is empty."""
     dataset = open_token_dataset(config.data, "train")
     validation = open_token_dataset(config.data, "validation")
     for split, rows in (("train", dataset), ("validation", validation)):
-        if len(rows) == 0:  # found before any step runs, not after the last one
+        if len(rows) == 0:
             raise DatasetError(f"{config.data} has no {split} rows; encode more images or a larger "
                                "--validation-fraction (sundae encode)")
+    return dataset, validation
+
+
+def _log_run(model: Hourglass, config: PriorTrainingConfig, dataset, validation, context: DistributedContext,
+             compute_dtype: torch.dtype, ema: ExponentialMovingAverage | None) -> None:
+    model_config = model.config
+    log.info("prior: %s parameters, %s, data %s (%d train / %d validation, grid %s, v=%d, classes=%s)",
+             f"{sum(p.numel() for p in model.parameters()):,}", model_config.to_dict(), config.data, len(dataset),
+             len(validation), tuple(dataset.grid_shape), dataset.codebook_size, model_config.num_classes)
+    log.info("settings: %d steps x batch %d (x%d accumulation), lr %g (%s, %d warm-up), T=%d, precision %s (%s), "
+             "EMA %s", config.steps, config.batch_size * context.world_size, config.gradient_accumulation,
+             config.learning_rate, config.schedule, config.warmup_steps, config.unroll_steps, config.precision,
+             str(compute_dtype).removeprefix("torch."), "off" if ema is None else f"decay {ema.decay}")
+
+
+def accumulate_gradients(objective: nn.Module, dataset, step: int, *, config: PriorTrainingConfig,
+                         model_config: HourglassConfig, context: DistributedContext, compute_dtype: torch.dtype,
+                         running: RunningMeans) -> None:
+    """The backward passes of one optimizer step: its micro-batches, each with the batch, unroll noise,
+    label dropout and dropout masks that (seed, micro-step, rank) fix, so a resumed run repeats them;
+    DDP all-reduces the gradients on the last micro-batch only."""
+    use_labels = model_config.num_classes is not None
+    for micro in range(config.gradient_accumulation):
+        micro_step = step * config.gradient_accumulation + micro
+        indices = batch_indices(micro_step, dataset_size=len(dataset), batch_size=config.batch_size,
+                                seed=config.seed, rank=context.rank, world_size=context.world_size)
+        tokens, labels = _batch(dataset, indices, context.device, use_labels)
+        generator = step_generator(config.seed, micro_step, context.rank, stream=1, device=context.device)
+        torch.manual_seed(step_seed(config.seed, micro_step, context.rank, stream=3))  # dropout masks
+        labels = drop_labels(labels, model_config.null_class, config.label_dropout, generator)
+        is_last = micro == config.gradient_accumulation - 1
+        sync = objective.no_sync() if (context.enabled and not is_last) else contextlib.nullcontext()
+        with sync, autocast(context.device, compute_dtype):
+            loss, metrics = objective(tokens, labels, generator)
+            (loss / config.gradient_accumulation).backward()
+        running.add({"loss": loss.detach(), **metrics})
+
+
+def _evaluate_and_sample(done: int, model: Hourglass, ema: ExponentialMovingAverage | None, dataset, validation,
+                         config: PriorTrainingConfig, context: DistributedContext, compute_dtype: torch.dtype,
+                         metrics_logger: MetricsLogger) -> None:
+    """Validation loss and sample grids when due, of the raw weights and of the EMA ones (what ships)."""
+    evaluating = is_due(done, config.eval_every, config.steps)
+    sampling = context.is_main and is_due(done, config.sample_every, config.steps)
+    # one copy of the EMA weights per step that needs it
+    ema_model = _ema_model(model, ema) if ema is not None and (evaluating or sampling) else None
+    if evaluating:
+        metrics_logger.log(done, validation_loss(model, validation, config, context, compute_dtype),
+                           prefix="validation/")
+        if ema_model is not None:
+            metrics_logger.log(done, validation_loss(ema_model, validation, config, context, compute_dtype),
+                               prefix="validation_ema/")
+    if sampling:
+        for name, weights in (("raw", model), ("ema", ema_model)):
+            if weights is not None:
+                path = save_sample_grid(weights, dataset, config, done, context.device, name=name)
+                log.info("samples at step %d (%s weights): %s", done, name, path)
+
+
+def _train(config: PriorTrainingConfig, context: DistributedContext) -> TrainingResult:
+    output_dir = Path(config.output_dir)
+    dataset, validation = _open_splits(config)
     model_config = model_config_for(dataset, config)
     torch.manual_seed(config.seed)
     model = Hourglass(model_config).to(context.device)
@@ -307,7 +369,6 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
     if context.is_main:
         remove_orphan_temporaries(output_dir)
     start_step = checkpointer.restore(model, optimizer, ema)
-    use_labels = model_config.num_classes is not None
 
     objective: nn.Module = SundaeObjective(model, config.unroll_steps)
     if config.compile:
@@ -317,13 +378,7 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
 
     metrics_logger = MetricsLogger(output_dir, enabled=context.is_main, resume_step=start_step)
     if context.is_main:
-        log.info("prior: %s parameters, %s, data %s (%d train / %d validation, grid %s, v=%d, classes=%s)",
-                 f"{sum(p.numel() for p in model.parameters()):,}", model_config.to_dict(), config.data, len(dataset),
-                 len(validation), tuple(dataset.grid_shape), dataset.codebook_size, model_config.num_classes)
-        log.info("settings: %d steps x batch %d (x%d accumulation), lr %g (%s, %d warm-up), T=%d, precision %s (%s), "
-                 "EMA %s", config.steps, config.batch_size * context.world_size, config.gradient_accumulation,
-                 config.learning_rate, config.schedule, config.warmup_steps, config.unroll_steps, config.precision,
-                 str(compute_dtype).removeprefix("torch."), "off" if ema is None else f"decay {ema.decay}")
+        _log_run(model, config, dataset, validation, context, compute_dtype, ema)
     end_step = config.steps if config.stop_after_steps is None else min(config.steps, start_step + config.stop_after_steps)
     bar = progress_bar(total=config.steps, initial=start_step, enabled=context.is_main, description="train prior")
     running = RunningMeans()
@@ -334,23 +389,9 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
         set_learning_rate(optimizer, learning_rate(step, base=config.learning_rate, warmup_steps=config.warmup_steps,
                                                    total_steps=config.steps, schedule=config.schedule,
                                                    final_ratio=config.final_learning_rate_ratio))
-        def accumulate_gradients() -> None:
-            for micro in range(config.gradient_accumulation):
-                micro_step = step * config.gradient_accumulation + micro
-                indices = batch_indices(micro_step, dataset_size=len(dataset), batch_size=config.batch_size,
-                                        seed=config.seed, rank=context.rank, world_size=context.world_size)
-                tokens, labels = _batch(dataset, indices, context.device, use_labels)
-                generator = step_generator(config.seed, micro_step, context.rank, stream=1, device=context.device)
-                torch.manual_seed(step_seed(config.seed, micro_step, context.rank, stream=3))  # dropout masks
-                labels = drop_labels(labels, model_config.null_class, config.label_dropout, generator)
-                is_last = micro == config.gradient_accumulation - 1
-                sync = objective.no_sync() if (context.enabled and not is_last) else contextlib.nullcontext()
-                with sync, autocast(context.device, compute_dtype):
-                    loss, metrics = objective(tokens, labels, generator)
-                    (loss / config.gradient_accumulation).backward()
-                running.add({"loss": loss.detach(), **metrics})
-
-        throughput.run_step(accumulate_gradients)
+        throughput.run_step(lambda: accumulate_gradients(objective, dataset, step, config=config,
+                                                         model_config=model_config, context=context,
+                                                         compute_dtype=compute_dtype, running=running))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -367,22 +408,7 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
             if values:
                 bar.set_postfix(loss=f"{values['train/loss']:.3f}",
                                 samples_per_s=f"{values['train/samples_per_second']:.0f}")
-        evaluating = is_due(done, config.eval_every, config.steps)
-        sampling = context.is_main and is_due(done, config.sample_every, config.steps)
-        # the EMA weights are what ships: measure them too (one copy of them per step that needs it)
-        ema_model = _ema_model(model, ema) if ema is not None and (evaluating or sampling) else None
-        if evaluating:
-            metrics_logger.log(done, validation_loss(model, validation, config, context, compute_dtype),
-                               prefix="validation/")
-            if ema_model is not None:
-                metrics_logger.log(done, validation_loss(ema_model, validation, config, context, compute_dtype),
-                                   prefix="validation_ema/")
-        if sampling:
-            path = save_sample_grid(model, dataset, config, done, context.device, name="raw")
-            log.info("samples at step %d (raw weights): %s", done, path)
-            if ema_model is not None:
-                path = save_sample_grid(ema_model, dataset, config, done, context.device, name="ema")
-                log.info("samples at step %d (EMA weights): %s", done, path)
+        _evaluate_and_sample(done, model, ema, dataset, validation, config, context, compute_dtype, metrics_logger)
         checkpointer.save_when_due(done, context, model, optimizer, ema, every=config.checkpoint_every, last=end_step)
     bar.close()
     metrics_logger.close()

@@ -71,7 +71,7 @@ function readFields(container) {
 // --- job streams ------------------------------------------------------------------------------
 
 async function streamJob(path, payload, onEvent, signal) {
-  const body = JSON.stringify(payload);
+  const body = JSON.stringify({ ...payload, model: state.info.model.name });
   const limit = state.info.limits.max_body_bytes;
   if (body.length > limit) {  // refused here, since a browser may not read the server's early 413
     throw new Error(`the request is ${(body.length / 2 ** 20).toFixed(1)} MB, over the server's `
@@ -361,20 +361,45 @@ $("#edit-form").addEventListener("submit", (submitted) => {
 
 // --- start --------------------------------------------------------------------------------------
 
-async function start() {
-  const response = await fetch("/api/info");
-  state.info = await response.json();
-  const model = state.info.model;
+// Loads a model's facts and forms (name null: the server's first model); the page's forms, canvas and
+// results all follow the model, so switching rebuilds them and clears the galleries.
+async function loadModel(name) {
+  document.body.dataset.ready = "false";
+  const response = await fetch(name === null ? "/api/info" : `/api/info?model=${encodeURIComponent(name)}`);
+  const info = await response.json();
+  if (!response.ok) throw new Error(info.error);
+  state.info = info;
+  const model = info.model;
   const [height, width] = model.image_size;
-  $("#model-info").textContent = `${model.name} · tokenizer ${model.tokenizer} (f=${model.factor}, `
+  const select = $("#model-select");
+  select.replaceChildren(...info.models.map((option) => new Option(option, option, false, option === model.name)));
+  $("#model-info").textContent = `tokenizer ${model.tokenizer} (f=${model.factor}, `
     + `codebook ${model.codebook_size}) · ${width}×${height} px · `
     + `${model.class_names ? `${model.class_names.length} classes` : "unconditional"} · ${model.device}`;
-  buildFields($("#generate-fields"), state.info.operations.generate);
+  buildFields($("#generate-fields"), info.operations.generate);
   buildEditFields();
-  $("#edit-mode").addEventListener("change", buildEditFields);
-  setUpBrush();
+  for (const gallery of ["#generate-results", "#edit-results"]) $(gallery).replaceChildren();
   await setSource(blankSource());
   document.body.dataset.ready = "true";
+}
+
+async function start() {
+  $("#edit-mode").addEventListener("change", buildEditFields);
+  setUpBrush();
+  const select = $("#model-select");
+  select.addEventListener("change", async () => {
+    select.disabled = true;
+    try {
+      await loadModel(select.value);
+    } catch (error) {
+      showError($("#generate-status"), `cannot load model ${select.value} (${error.message})`);
+      select.value = state.info.model.name;
+      document.body.dataset.ready = "true";
+    } finally {
+      select.disabled = false;
+    }
+  });
+  await loadModel(null);
 }
 
 start().catch((error) => showError($("#generate-status"), `cannot reach the server (${error.message})`));
