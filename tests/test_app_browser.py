@@ -189,5 +189,20 @@ def test_switching_models_rebuilds_the_forms_and_generates_with_the_chosen_model
             expected = SundaePipeline.from_pretrained(root / "other", device="cpu")(1, seed=4, class_labels="right",
                                                                                     steps=8).images[0]
             assert np.array_equal(image, np.asarray(expected))
+
+            # the model's editing example: its image and mask in the editor, its class chosen, fills that keep
+            # the unmasked half
+            expect(page.locator("#examples")).to_be_visible()
+            page.select_option("#example-select", label="ramp: redo the right half")
+            expect(page.locator("#edit-status")).to_contain_text("example: ramp: redo the right half")
+            mask = np.array(page.evaluate("Array.from(state.editor.mask)"), dtype=bool).reshape(12, 12)
+            assert mask[:, 6:].all() and not mask[:, :6].any()
+            expect(page.locator("#edit-fields [name=class_label]")).to_have_value("1")
+            fill_fields(page, "edit", {"num_images": "2", "steps": "8", "seed": "0"})
+            page.click("#edit-button")
+            expect(page.locator("#edit-status")).to_contain_text("done: 2 image(s)", timeout=20_000)
+            ramp = np.tile(np.arange(0, 240, 20, dtype=np.uint8), (12, 1))
+            for fill in page.locator("#edit-results img").element_handles():
+                assert np.array_equal(pixels(fill)[:, :6], ramp[:, :6])
         finally:
             browser.close()

@@ -719,11 +719,21 @@ def test_serve_binds_loopback_unless_asked_and_names_a_missing_model(tmp_path, m
 
 
 def build_other_pipeline_dir(directory: Path) -> Path:
-    """A second model the page can switch to: another grid (12 x 12) and other classes."""
+    """A second model the page can switch to: another grid (12 x 12), other classes, and one editing
+    example (a grey ramp whose right half is to be redone, in class "right")."""
     torch.manual_seed(1)
     prior = Hourglass(HourglassConfig(codebook_size=256, dim=32, depth=(1, 1, 1), heads=2, head_dim=16,
                                       latent_shape=(12, 12), num_classes=2))
-    return SundaePipeline(prior, PixelTokenizer(), class_names=["left", "right"]).save_pretrained(directory)
+    SundaePipeline(prior, PixelTokenizer(), class_names=["left", "right"]).save_pretrained(directory)
+    examples = directory / "examples"
+    examples.mkdir()
+    Image.fromarray(np.tile(np.arange(0, 240, 20, dtype=np.uint8), (12, 1))).save(examples / "ramp.png")
+    mask = np.zeros((12, 12), np.uint8)
+    mask[:, 6:] = 255
+    Image.fromarray(mask).save(examples / "ramp.mask.png")
+    (examples / "examples.json").write_text(json.dumps(
+        [{"name": "ramp: redo the right half", "image": "ramp.png", "mask": "ramp.mask.png", "class_label": "right"}]))
+    return directory
 
 
 def test_the_app_switches_between_models_by_name_and_loads_each_on_first_use(tmp_path):
@@ -737,6 +747,9 @@ def test_the_app_switches_between_models_by_name_and_loads_each_on_first_use(tmp
         other = client.get("/api/info", params={"model": "other"}).json()
         assert other["model"]["name"] == "other" and other["model"]["image_size"] == [12, 12]
         assert other["model"]["class_names"] == ["left", "right"]
+        assert info["examples"] == [] and [e["name"] for e in other["examples"]] == ["ramp: redo the right half"]
+        example = other["examples"][0]
+        assert example["class_label"] == "right" and decode_data_url(example["mask"])[:, 6:].min() == 255
         assert other["limits"]["max_canvas"] != info["limits"]["max_canvas"]  # limits follow the model
         done = events_of(client.post("/api/generate", json={"model": "other", "num_images": 2, "seed": 4,
                                                             "class_label": "right", **FAST}))[-1]
@@ -756,3 +769,16 @@ def test_the_app_switches_between_models_by_name_and_loads_each_on_first_use(tmp
         assert wrong_type.status_code == 422 and wrong_type.json()["field"] == "model"
         broken = client.get("/api/info", params={"model": "broken"})
         assert broken.status_code == 500 and "internal error" not in broken.json()["error"]
+
+
+def test_broken_examples_are_skipped_and_cannot_reach_outside_their_folder(tmp_path):
+    from sundae.app.operations import read_examples
+
+    directory = build_other_pipeline_dir(tmp_path / "other")
+    assert len(read_examples(directory)) == 1
+    (tmp_path / "secret.png").write_bytes((directory / "examples" / "ramp.png").read_bytes())
+    (directory / "examples" / "examples.json").write_text(json.dumps(
+        [{"name": "escape", "image": "../../secret.png", "mask": "ramp.mask.png"}]))
+    assert read_examples(directory) == []  # only the file name counts: examples/secret.png does not exist
+    (directory / "examples" / "examples.json").write_text("{not json")
+    assert read_examples(directory) == [] and read_examples(None) == []

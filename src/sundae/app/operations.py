@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from torch import Tensor
 from sundae.app.validation import FORM_KNOBS, MAX_BATCH_PIXELS, MAX_IMAGES, SIDES, CanvasLimit, RequestError
 from sundae.app.worker import Job
 from sundae.pipeline import PipelineOutput, SundaePipeline, to_pil
+
+logger = logging.getLogger(__name__)
 
 RANDOM_SEED_BOUND = 2**31  # seeds the server draws stay short enough to copy by hand
 
@@ -211,3 +214,28 @@ def prepare(pipeline: SundaePipeline, kind: str, request: dict[str, Any], canvas
     except ValueError as error:
         raise RequestError(str(error)) from None
     return request
+
+
+EXAMPLES_FILE = "examples/examples.json"
+
+
+def read_examples(directory: Path | None) -> list[dict[str, Any]]:
+    """The editing examples a model directory ships (``examples/examples.json``: a list of ``name``,
+    ``image`` and ``mask`` PNG file names in ``examples/``, and an optional ``class_label``), as the page
+    shows them: images as PNG data URLs. A missing file means no examples; a broken one is logged and
+    skipped, so the app still starts."""
+    if directory is None or not (directory / EXAMPLES_FILE).is_file():
+        return []
+    folder = directory / EXAMPLES_FILE.rsplit("/", 1)[0]
+    try:
+        listed = json.loads((directory / EXAMPLES_FILE).read_text())
+        examples = []
+        for entry in listed:
+            files = {key: folder / Path(str(entry[key])).name for key in ("image", "mask")}  # no other folder
+            with Image.open(files["image"]) as image, Image.open(files["mask"]) as mask:
+                examples.append({"name": str(entry["name"]), "class_label": entry.get("class_label"),
+                                 "image": png_data_url(image.convert("RGB")), "mask": png_data_url(mask.convert("L"))})
+        return examples
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("ignoring the examples of %s: %s", directory, error)
+        return []

@@ -177,6 +177,7 @@ async def info(request: Request) -> JSONResponse:
                    "max_batch_pixels": operations.request_pixel_budget(served.pipeline),
                    "max_json_depth": MAX_JSON_DEPTH},
         "operations": {kind: describe_fields(fields) for kind, fields in served.fields.items()},
+        "examples": served.examples,
         "saving": state.folder is not None,
         "unfinished_jobs": state.worker.unfinished,
     })
@@ -216,26 +217,31 @@ class ServedModel:
     canvas: CanvasLimit
     fields: dict[str, dict[str, Any]]
     watched: tuple[nn.Module, ...]
+    examples: list[dict[str, Any]]  # editing examples of its directory (operations.read_examples)
 
     @classmethod
-    def of(cls, pipeline: SundaePipeline, max_canvas_scale: float) -> "ServedModel":
+    def of(cls, pipeline: SundaePipeline, max_canvas_scale: float, directory: Path | None) -> "ServedModel":
         canvas = CanvasLimit(tuple(pipeline.image_size), max_canvas_scale)
         pipeline.set_progress_bar_config(disable=True)  # the server logs; previews show the progress
         fields = operation_fields(canvas, pipeline.factor, pipeline.sampling_options(),
                                   pipeline.sampling_options(edit=True))
-        return cls(pipeline, canvas, fields, tuple(pipeline.tokenizer.modules()))
+        return cls(pipeline, canvas, fields, tuple(pipeline.tokenizer.modules()), operations.read_examples(directory))
 
 
 class ModelCatalogue:
     """The models the page can switch between, by name: the one the app was started with (the default of
-    a request that names none) and the ``others`` (name -> model directory), each loaded the first time
-    it is asked for, on the first model's device and in its precision."""
+    a request that names none; ``first_directory``, where it was loaded from, may hold editing examples)
+    and the ``others`` (name -> model directory), each loaded the first time it is asked for, on the
+    first model's device and in its precision."""
 
-    def __init__(self, first: SundaePipeline, others: Mapping[str, str | os.PathLike], max_canvas_scale: float) -> None:
+    def __init__(self, first: SundaePipeline, others: Mapping[str, str | os.PathLike], max_canvas_scale: float,
+                 first_directory: Path | None = None) -> None:
         self._max_canvas_scale = max_canvas_scale
         self._first = first.name
-        self._loaded = {first.name: ServedModel.of(first, max_canvas_scale)}
-        self._directories = {name: Path(path) for name, path in others.items() if name != first.name}
+        self._loaded = {first.name: ServedModel.of(first, max_canvas_scale, first_directory)}
+        same = (lambda path: first_directory is not None and Path(path).resolve() == first_directory.resolve())
+        self._directories = {name: Path(path) for name, path in others.items()
+                             if name != first.name and not same(path)}
         self._device, self._precision = first.device, first.precision
         self._lock = threading.Lock()
 
@@ -258,7 +264,7 @@ class ModelCatalogue:
                     raise RequestError(f"model {name!r} could not be loaded: {error}", field="model",
                                        status=500) from None
                 pipeline.name = name
-                self._loaded[name] = ServedModel.of(pipeline, self._max_canvas_scale)
+                self._loaded[name] = ServedModel.of(pipeline, self._max_canvas_scale, self._directories[name])
                 logger.info("loaded model %s from %s", name, self._directories[name])
             return self._loaded[name]
 
@@ -270,13 +276,15 @@ def shipped_model_directories() -> dict[str, Path]:
 def create_app(pipeline: SundaePipeline, *, output_dir: str | os.PathLike | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_canvas_scale: float = DEFAULT_MAX_CANVAS_SCALE,
                allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
-               models: Mapping[str, str | os.PathLike] | None = None) -> Starlette:
+               models: Mapping[str, str | os.PathLike] | None = None,
+               model_dir: str | os.PathLike | None = None) -> Starlette:
     """The ASGI app over ``pipeline``; results are also saved in ``output_dir`` when it is given.
 
     ``max_canvas_scale``: an uploaded image or an outpainted canvas may be at most this many times the
     model's image size on each side. ``allowed_hosts`` are the Host header values answered (``["*"]``: any).
     ``models`` (name -> model directory; default: the shipped models) are the others the page can switch
-    to; a request names its model in a ``model`` field, and one without it uses ``pipeline``.
+    to; a request names its model in a ``model`` field, and one without it uses ``pipeline``, loaded from
+    ``model_dir`` (where its editing examples are, if it has any).
     """
     folder = None
     if output_dir is not None:
@@ -284,7 +292,7 @@ def create_app(pipeline: SundaePipeline, *, output_dir: str | os.PathLike | None
         directory.mkdir(parents=True, exist_ok=True)
         folder = operations.ResultFolder(directory)
     catalogue = ModelCatalogue(pipeline, shipped_model_directories() if models is None else models,
-                               max_canvas_scale)
+                               max_canvas_scale, None if model_dir is None else Path(model_dir))
     worker = ModelWorker()
 
     @contextlib.asynccontextmanager
@@ -328,10 +336,12 @@ def model_name(directory: Path) -> str:
 
 def load_pipeline(model_dir: str | os.PathLike | None, device: str | None = None,
                   precision: str = "auto") -> SundaePipeline:
-    """The model in ``model_dir``, or the shipped default model, named by :func:`model_name`."""
+    """The model in ``model_dir``, or the shipped default model; a shipped model goes by its registry name,
+    any other by :func:`model_name`."""
     directory = model_directory(model_dir)
     pipeline = SundaePipeline.from_pretrained(directory, device=device, precision=precision)
-    pipeline.name = model_name(directory)
+    shipped = [name for name, path in shipped_model_directories().items() if path.resolve() == directory.resolve()]
+    pipeline.name = shipped[0] if shipped else model_name(directory)
     return pipeline
 
 
@@ -344,7 +354,7 @@ def serve(model_dir: str | os.PathLike | None = None, *, host: str = "127.0.0.1"
 
     pipeline = load_pipeline(model_dir, device, precision)
     app = create_app(pipeline, output_dir=output_dir, max_canvas_scale=max_canvas_scale,
-                     allowed_hosts=allowed_hosts_for(host))
+                     allowed_hosts=allowed_hosts_for(host), model_dir=model_directory(model_dir))
     if host not in LOOPBACK_HOSTS:
         logger.warning("serving on %s: anyone who can reach this address can use the model (there is no login)", host)
     logger.info("sundae app for model %s on %s: http://%s:%d", pipeline.name, pipeline.device,

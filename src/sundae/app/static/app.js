@@ -342,6 +342,27 @@ function maskDataUrl() {
   return canvas.toDataURL("image/png");
 }
 
+// An example of the model's directory: its image in the editor, its mask painted, its class chosen.
+async function loadExample(example) {
+  $("#edit-mode").value = "inpaint";
+  buildEditFields();
+  await setSource(example.image);
+  const { width, height } = state.editor;
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d");
+  context.drawImage(await loadImage(example.mask), 0, 0);
+  const data = context.getImageData(0, 0, width, height).data;
+  state.editor.mask = Uint8Array.from({ length: width * height }, (_, index) => (data[index * 4] >= 128 ? 1 : 0));
+  drawMask();
+  const classField = $("#edit-fields [name=class_label]");
+  const classIndex = (state.info.model.class_names || []).indexOf(example.class_label);
+  if (classField && classIndex >= 0) classField.value = String(classIndex);
+  $("#edit-status").className = "status";
+  $("#edit-status").textContent = `example: ${example.name}; press Run for fills of the painted region`;
+}
+
 // --- edit ---------------------------------------------------------------------------------------
 
 function buildEditFields() {
@@ -378,6 +399,9 @@ async function loadModel(name) {
     + `${model.class_names ? `${model.class_names.length} classes` : "unconditional"} · ${model.device}`;
   buildFields($("#generate-fields"), info.operations.generate);
   buildEditFields();
+  $("#examples").hidden = info.examples.length === 0;
+  $("#example-select").replaceChildren(new Option("choose…", ""),
+    ...info.examples.map((example, index) => new Option(example.name, String(index))));
   for (const gallery of ["#generate-results", "#edit-results"]) $(gallery).replaceChildren();
   await setSource(blankSource());
   document.body.dataset.ready = "true";
@@ -385,6 +409,12 @@ async function loadModel(name) {
 
 async function start() {
   $("#edit-mode").addEventListener("change", buildEditFields);
+  $("#example-select").addEventListener("change", () => {
+    const chosen = $("#example-select").value;
+    if (chosen !== "") {
+      loadExample(state.info.examples[Number(chosen)]).catch((error) => showError($("#edit-status"), error.message));
+    }
+  });
   setUpBrush();
   const select = $("#model-select");
   select.addEventListener("change", async () => {
