@@ -8,7 +8,7 @@
 #   STAGES=prior,ship bash scripts/train_emoji.sh runs/emoji
 set -euo pipefail
 run=${1:-runs/emoji}
-stages=${STAGES:-data,tokenizer,reconstruct,encode,prior,ship,classifier,evaluate}
+stages=${STAGES:-data,tokenizer,reconstruct,encode,prior,ship,classifier,evaluate,inpainting}
 mkdir -p "$run"
 export OMP_WAIT_POLICY=PASSIVE  # graceful when something else shares the cores
 stage() {  # stage NAME COMMAND...: run it (when STAGES lists it) and record its wall time
@@ -37,9 +37,9 @@ stage encode sundae encode data/emoji/train --tokenizer "$run/tokenizer-run/toke
 
 # 4. prior: class-conditional 2D hourglass 2-4-2 on 16x16 tokens (2x2 shortening -> an 8x8 valley), width
 #    192, SUNDAE T=2, EMA with warm-up, label dropout 0.1 for guidance (preset "emoji")
-stage prior sundae train "$run/latents" -o "$run/prior-run" --preset emoji --steps 2000 --batch-size 32 \
+stage prior sundae train "$run/latents" -o "$run/prior-run" --preset emoji --steps 1500 --batch-size 32 \
   --lr 8e-4 --warmup-steps 200 --ema-decay 0.999 --log-every 50 --eval-every 500 --eval-batches 8 \
-  --sample-every 1000 --checkpoint-every 200
+  --sample-every 750 --checkpoint-every 250
 
 # 5. ship: the exported model (EMA prior, its tokenizer, the default scheduler) with float16 weights (half the
 #    size; loading casts them back), and the category names of the dataset rather than its folder names
@@ -64,9 +64,12 @@ stage ship ship
 stage classifier python scripts/train_classifier.py --data data/emoji.npz --out src/sundae/assets/emoji-classifier \
   --epochs 6 --width 16 --flips --half-weights
 
-# 7. quality figures: 1 000 class-balanced samples scored in the classifier's and the FID Inception's features
+# 7. quality figures: 500 class-balanced samples scored in the classifier's and the FID Inception's features
 #    against the held-out split, the real-vs-real floor, the class grid and the memorisation check
 stage evaluate python scripts/evaluate_quality.py --model src/sundae/assets/emoji \
-  --classifier src/sundae/assets/emoji-classifier --extractors classifier,inception --latents "$run/latents" \
-  --real data/emoji/validation --train-images data/emoji/train --num-samples 1000 --pictures docs/emoji \
+  --classifier src/sundae/assets/emoji-classifier --extractors classifier,inception \
+  --real data/emoji/validation --train-images data/emoji/train --num-samples 500 --pictures docs/emoji \
   --out benchmarks/results/quality-emoji.json
+
+# 8. the inpainting demo on held-out emoji (README picture) and the same cases as the web app's examples
+stage inpainting python scripts/emoji_inpainting.py

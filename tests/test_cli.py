@@ -232,10 +232,31 @@ def test_evaluate_on_the_shipped_default_with_its_dataset_extractor(tmp_path):
 def test_shipped_models_by_name(tmp_path):
     listed = run("models")
     assert listed.exit_code == 0 and listed.output.startswith("fashion-mnist (default): Fashion-MNIST")
+    emoji_line = listed.output.splitlines()[1]
+    assert emoji_line.startswith("emoji: Noto Emoji + Twemoji") and "64x64, 16x16 tokens" in emoji_line
+    assert "Apache-2.0" in emoji_line and "CC-BY-4.0" in emoji_line
     result = run("sample", "--model", "fashion-mnist", "--out", tmp_path / "s.png", "-n", 1, "--steps", 2)
     assert result.exit_code == 0, result.output
+    result = run("sample", "--model", "emoji", "--out", tmp_path / "e.png", "-n", 2, "--steps", 2,
+                 "--classes", "Food & Drink")
+    assert result.exit_code == 0, result.output
+    grid = Image.open(tmp_path / "e.png")
+    assert grid.mode == "RGB" and grid.size == (2 * 64 + 3 * 2, 64 + 2 * 2)
     unknown = CliRunner().invoke(main, ["sample", "--model", "no-such-model", "--out", str(tmp_path / "x.png")])
-    assert unknown.exit_code == 2 and "shipped: fashion-mnist" in unknown.output
+    assert unknown.exit_code == 2 and "shipped: fashion-mnist, emoji" in unknown.output
+
+
+def test_every_shipped_model_loads_and_all_weights_together_stay_within_60_mb():
+    from sundae.models import SHIPPED_MODELS
+    from sundae.pipeline import SundaePipeline
+
+    assets = Path(main.callback.__globals__["__file__"]).parent / "assets"
+    total = sum(path.stat().st_size for path in assets.rglob("*.safetensors"))
+    assert total <= 60e6, f"shipped weights take {total / 1e6:.1f} MB"
+    for model in SHIPPED_MODELS.values():
+        pipe = SundaePipeline.from_pretrained(model.name, device="cpu")
+        assert pipe.class_names and model.classifier.is_dir()
+        assert json.loads((model.classifier / "config.json").read_text())["class_names"] == pipe.class_names
 
 
 # --- the model directory and its scheduler defaults ---------------------------------------------

