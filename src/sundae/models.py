@@ -53,16 +53,21 @@ def model_directory(name_or_path: str | os.PathLike | None) -> Path:
     return path
 
 
+def shipped_name(name_or_path: str | os.PathLike | None) -> str | None:
+    """The registry name of a shipped model given by name or by its directory (None: the default); None
+    for any other model."""
+    if name_or_path is None:
+        return DEFAULT_MODEL
+    if isinstance(name_or_path, str) and name_or_path in SHIPPED_MODELS:
+        return name_or_path
+    path = Path(name_or_path).resolve()
+    return next((model.name for model in SHIPPED_MODELS.values() if model.directory.resolve() == path), None)
+
+
 def dataset_classifier(name_or_path: str | os.PathLike | None) -> Path:
     """The classifier that judges a model: a shipped model's own, else the default model's (whose domain
     check then refuses a model of other data with the way out)."""
-    if isinstance(name_or_path, str) and name_or_path in SHIPPED_MODELS:
-        return SHIPPED_MODELS[name_or_path].classifier
-    if name_or_path is not None:
-        for model in SHIPPED_MODELS.values():
-            if Path(name_or_path).resolve() == model.directory.resolve():
-                return model.classifier
-    return SHIPPED_MODELS[DEFAULT_MODEL].classifier
+    return SHIPPED_MODELS[shipped_name(name_or_path) or DEFAULT_MODEL].classifier
 
 
-__all__ = ["DEFAULT_MODEL", "SHIPPED_MODELS", "ShippedModel", "dataset_classifier", "model_directory"]
+__all__ = ["DEFAULT_MODEL", "SHIPPED_MODELS", "ShippedModel", "dataset_classifier", "model_directory", "shipped_name"]

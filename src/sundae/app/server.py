@@ -54,7 +54,7 @@ from sundae.app.validation import (DEFAULT_MAX_CANVAS_SCALE, MAX_IMAGES, MAX_JSO
 from sundae.app.worker import Event, Job, ModelWorker
 from sundae.checkpoint import CheckpointError, read_json
 from sundae.errors import InputError
-from sundae.models import SHIPPED_MODELS, model_directory
+from sundae.models import SHIPPED_MODELS, model_directory, shipped_name
 from sundae.pipeline import MODEL_INDEX_NAME, SundaePipeline
 from sundae.tokenizer.pixels import PixelTokenizer
 
@@ -340,8 +340,7 @@ def load_pipeline(model_dir: str | os.PathLike | None, device: str | None = None
     any other by :func:`model_name`."""
     directory = model_directory(model_dir)
     pipeline = SundaePipeline.from_pretrained(directory, device=device, precision=precision)
-    shipped = [name for name, path in shipped_model_directories().items() if path.resolve() == directory.resolve()]
-    pipeline.name = shipped[0] if shipped else model_name(directory)
+    pipeline.name = shipped_name(directory) or model_name(directory)
     return pipeline
 
 
