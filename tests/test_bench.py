@@ -1,9 +1,10 @@
 """The speed harness (benchmarks/speed.py): the benchmarked loop samples exactly what the plain loop
-samples, FLOPs are counted as in closed form (CPU attention included), and the reported rates and
-fractions agree with each other."""
+samples, FLOPs are counted as in closed form (CPU attention included), the reported rates and
+fractions agree with each other, and no figure is impossible (in a tiny run or a saved result file)."""
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,14 @@ from torch import nn
 from sundae.config import HOURGLASS_PRESETS
 from sundae.denoiser import Hourglass
 from sundae.sampler import SamplingOptions, sample
-from sundae.speed import benchmark_sampling_options, compile_mode_for
+from sundae.speed import ForwardTimer, benchmark_sampling_options, compile_mode_for
 from sundae.training.throughput import count_flops, measure_matmul_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # the harness is no package
-from speed import peak_tensor_bytes, result_filename, run_benchmark, write_json  # noqa: E402
+from speed import (  # noqa: E402
+    impossible_figures, impossible_result_files, peak_tensor_bytes, result_filename, run_benchmark, training_suffix,
+    write_json,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +97,11 @@ def tiny_result():
 
 
 NUMBER_KEYS = [
-    "step_seconds", "forward_seconds", "prior_seconds", "flops_per_step", "flops_per_sample_step",
-    "achieved_flops_per_second", "forward_flops_per_second", "matmul_flops_per_second", "fraction_of_matmul_peak",
-    "forward_fraction_of_matmul_peak", "decode_seconds", "decode_flops", "decode_flops_per_second",
-    "decode_fraction_of_matmul_peak", "seconds_per_image", "images_per_second", "peak_memory_bytes",
+    "step_seconds", "step_seconds_min", "forward_seconds", "forward_seconds_min", "prior_seconds", "prior_seconds_min",
+    "flops_per_step", "flops_per_sample_step", "achieved_flops_per_second", "forward_flops_per_second",
+    "matmul_flops_per_second", "fraction_of_matmul_peak", "fraction_of_matmul_peak_best",
+    "forward_fraction_of_matmul_peak", "decode_seconds", "decode_seconds_min", "decode_flops",
+    "decode_flops_per_second", "seconds_per_image", "images_per_second", "peak_memory_bytes",
     "prior_peak_memory_bytes", "decode_peak_memory_bytes",
 ]
 
@@ -114,27 +119,65 @@ def test_tiny_benchmark_reports_every_number_positive(tiny_result):
     assert "\n" not in tiny_result["summary"] and "batch 2" in tiny_result["summary"]
 
 
+def test_tiny_benchmark_figures_are_possible(tiny_result):
+    """The invariants every result file must keep: times > 0, fractions of the peak in (0, 1], and a
+    step's forward and sampling arithmetic (timed inside the same run) within the step."""
+    assert impossible_figures(tiny_result) == []
+    for entry in tiny_result["results"]:
+        for suffix in ("", "_min"):  # each set of times comes from one run, so the parts add up
+            step, forward = entry[f"step_seconds{suffix}"], entry[f"forward_seconds{suffix}"]
+            sampling = entry[f"sampling_seconds_per_step{suffix}"]
+            assert 0 < forward <= step and 0 <= sampling <= step
+            assert math.isclose(forward + sampling, step)
+        assert entry["step_seconds_min"] <= entry["step_seconds"]
+        assert 0 < entry["fraction_of_matmul_peak"] <= entry["fraction_of_matmul_peak_best"] <= 1
+        assert 0 < entry["forward_fraction_of_matmul_peak"] <= 1
+        assert "decode_fraction_of_matmul_peak" not in entry  # Winograd convolutions beat a GEMM "peak"
+
+
+def test_the_invariant_check_catches_impossible_figures():
+    entry = {"step_seconds": 1.0, "forward_seconds": 1.2, "sampling_seconds_per_step": -0.2,
+             "decode_fraction_of_matmul_peak": 1.09, "decode_seconds": 0.0, "fraction_of_matmul_peak_all": [0.5, 0.7]}
+    problems = impossible_figures({"results": [entry]})
+    assert len(problems) == 4 and all(problem.startswith("results[0].") for problem in problems)
+    assert not any("fraction_of_matmul_peak_all" in problem for problem in problems)
+
+
+def test_no_saved_speed_result_has_impossible_figures():
+    assert impossible_result_files() == {}
+
+
 def test_tiny_benchmark_rates_and_fractions_agree(tiny_result):
     first, second = tiny_result["results"]
     assert second["flops_per_step"] == 2 * first["flops_per_step"]  # FLOPs are linear in the batch
     for entry in tiny_result["results"]:
         assert entry["prior_seconds"] in entry["prior_seconds_all_repeats"]
+        assert entry["prior_seconds_min"] == min(entry["prior_seconds_all_repeats"])
         assert math.isclose(entry["step_seconds"], entry["prior_seconds"] / 3)
         assert math.isclose(entry["achieved_flops_per_second"], entry["flops_per_step"] / entry["step_seconds"])
-        # each run is compared with the matmul rate measured around it; the fraction is the median over runs
-        fractions = [entry["flops_per_step"] * 3 / seconds / rate for seconds, rate in
-                     zip(entry["prior_seconds_all_repeats"], entry["matmul_flops_per_second_all_repeats"])]
-        assert entry["fraction_of_matmul_peak_all_repeats"] == pytest.approx(fractions)
-        assert math.isclose(entry["fraction_of_matmul_peak"], sum(fractions) / 2)
-        assert math.isclose(entry["matmul_flops_per_second"], sum(entry["matmul_flops_per_second_all_repeats"]) / 2)
+        assert math.isclose(entry["forward_flops_per_second"], entry["flops_per_step"] / entry["forward_seconds"])
+        # the peak is the best matmul rate measured before the first run and after each run, over several shapes
+        rates = entry["matmul_flops_per_second_all_measurements"]
+        assert len(rates) == 3 and entry["matmul_flops_per_second"] == max(rates)
+        assert [entry["batch_size"] * 64, 64, 256] in entry["matmul_shapes"] and len(entry["matmul_shapes"]) == 4
+        assert math.isclose(entry["fraction_of_matmul_peak"],
+                            entry["achieved_flops_per_second"] / entry["matmul_flops_per_second"])
         assert math.isclose(entry["decode_flops_per_second"], entry["decode_flops"] / entry["decode_seconds"])
-        assert math.isclose(entry["decode_fraction_of_matmul_peak"],
-                            entry["decode_flops_per_second"] / entry["matmul_flops_per_second"])
         end_to_end = entry["prior_seconds"] + entry["decode_seconds"]
         assert math.isclose(entry["seconds_per_image"], end_to_end / entry["batch_size"])
         assert math.isclose(entry["images_per_second"], 1 / entry["seconds_per_image"])
-        assert entry["matmul_shape"] == [entry["batch_size"] * 64, 64, 256]
         assert entry["peak_memory_bytes"] == max(entry["prior_peak_memory_bytes"], entry["decode_peak_memory_bytes"])
+
+
+def test_forward_timer_times_only_the_forwards_of_its_region():
+    layer = nn.Linear(8, 8)
+    with ForwardTimer(layer, torch.device("cpu")) as timer:
+        started = time.perf_counter()
+        for _ in range(3):
+            layer(torch.randn(4, 8))
+        elapsed = time.perf_counter() - started
+    layer(torch.randn(4, 8))  # after the region: not counted, the hooks are gone
+    assert timer.calls == 3 and 0 < timer.seconds <= elapsed
 
 
 def test_prior_flops_match_a_hand_count_of_the_tiny_hourglass(tiny_result):
@@ -165,6 +208,13 @@ def test_result_file_round_trip_and_name(tiny_result, tmp_path):
     assert json.loads(path.read_text()) == json.loads(json.dumps(tiny_result))
     gpu = {"device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "preset": "ffhq1024"}
     assert result_filename(gpu, "eager") == "nvidia-h100-80gb-hbm3-ffhq1024-eager.json"
+    training = {"device": {"type": "cpu"}, "preset": "emoji (model)", "training_step": "prior", "dtype": "bfloat16",
+                "compile": True}
+    name = result_filename(training, training_suffix(training, None))
+    assert name == "cpu-emoji-model-train-prior-bfloat16-compile.json"
+    ddp = {"device": {"type": "cpu"}, "preset": "tiny", "training_step": "prior", "ranks": 2,
+           "parallel": {"dtype": "float32", "compile": False}}
+    assert result_filename(ddp, training_suffix(ddp, "xeon")) == "cpu-tiny-train-prior-float32-ddp2-xeon.json"
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -14,10 +14,11 @@ SOURCE = Path(__file__).resolve().parent.parent / "src"
 LAYERS = [
     ["sundae", "sundae.errors", "sundae.config"],
     ["sundae.checkpoint", "sundae.runtime", "sundae.distributed", "sundae.models"],
-    ["sundae.data", "sundae.tokenizer", "sundae.denoiser", "sundae.eval.metrics", "sundae.eval.classifier"],
-    ["sundae.sundae", "sundae.sampler"],
-    ["sundae.pipeline", "sundae.video", "sundae.speed", "sundae.eval"],
-    ["sundae.training"],
+    ["sundae.data", "sundae.tokenizer", "sundae.denoiser", "sundae.eval.metrics", "sundae.eval.classifier",
+     "sundae.var.tokenizer", "sundae.var.transformer"],
+    ["sundae.sundae", "sundae.sampler", "sundae.var", "sundae.var.objective", "sundae.var.sampler"],
+    ["sundae.pipeline", "sundae.pipelines", "sundae.video", "sundae.speed", "sundae.eval", "sundae.var.pipeline"],
+    ["sundae.training", "sundae.var.training"],
     ["sundae.cli", "sundae.app"],
 ]
 
@@ -78,6 +79,8 @@ def test_there_is_no_import_cycle():
 
 def test_the_checks_catch_a_planted_cycle_and_upward_import():
     planted = {**GRAPH, "sundae.tokenizer.vqgan": GRAPH["sundae.tokenizer.vqgan"] | {"sundae.tokenizer.taming"}}
-    assert find_cycle(planted) == ["sundae.tokenizer.taming", "sundae.tokenizer.vqgan", "sundae.tokenizer.taming"]
+    cycle = find_cycle(planted)  # found from whichever of its modules the walk meets first
+    assert cycle in (["sundae.tokenizer.taming", "sundae.tokenizer.vqgan", "sundae.tokenizer.taming"],
+                     ["sundae.tokenizer.vqgan", "sundae.tokenizer.taming", "sundae.tokenizer.vqgan"])
     assert layer_of("sundae.cli") > layer_of("sundae.training.prior") > layer_of("sundae.pipeline")
     assert "sundae.pipeline" in GRAPH["sundae.training.prior"]  # real edges, imports inside functions too

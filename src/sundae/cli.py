@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import click
 
-from sundae.config import INPAINT_DEFAULTS, Knob, SamplingOptions
+from sundae.config import INPAINT_DEFAULTS, Knob, NextScaleOptions, SamplingOptions
 from sundae.errors import InputError
 from sundae.models import DEFAULT_MODEL, SHIPPED_MODELS, dataset_classifier, model_directory
 
@@ -120,16 +120,24 @@ RUNTIME_OPTIONS = [
 
 MODEL_DEFAULT = "the model's scheduler/config.json"
 
+# Every sampler knob of both paradigms: SUNDAE's SamplingOptions, then the ones only VAR's NextScaleOptions has
+# (the knobs both have, such as temperature and guidance, are one flag). A model refuses the knobs it lacks.
+KNOBS: dict[str, tuple[Knob, type]] = {
+    **{name: (knob, SamplingOptions) for name, knob in SamplingOptions.knobs().items()},
+    **{name: (knob, NextScaleOptions) for name, knob in NextScaleOptions.knobs().items()
+       if name not in SamplingOptions.knobs()},
+}
+
 
 def knob_flag(name: str) -> str:
-    """How a :class:`SamplingOptions` field is spelled on the command line (``guidance_scale`` -> ``--guidance``)."""
-    return SamplingOptions.knobs()[name].flag or "--" + name.replace("_", "-")
+    """How a sampler knob is spelled on the command line (``guidance_scale`` -> ``--guidance``)."""
+    return KNOBS[name][0].flag or "--" + name.replace("_", "-")
 
 
 def knob_option(name: str, knob: Knob, *, edit: bool) -> Callable:
     """The flag of one sampler knob, built from its :class:`Knob`. Not given, it is None and the model's
     ``scheduler/`` default applies (for ``edit`` commands, INPAINT_DEFAULTS' temperature on top)."""
-    kind, _ = SamplingOptions.knob_type(name)
+    kind, _ = KNOBS[name][1].knob_type(name)
     cold = edit and name in INPAINT_DEFAULTS
     default = f"{INPAINT_DEFAULTS[name]:g}: edits sample cold, §3.6" if cold else MODEL_DEFAULT
     help_text = knob.help + (f" Null in the scheduler: {knob.none}." if knob.none else "")
@@ -147,7 +155,7 @@ def sampling_options(*, edit: bool = False) -> Callable:
 
     def decorate(function: Callable) -> Callable:
         options = [
-            *(knob_option(name, knob, edit=edit) for name, knob in SamplingOptions.knobs().items()),
+            *(knob_option(name, knob, edit=edit) for name, (knob, _) in KNOBS.items()),
             click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True,
                          help="Image i uses seed + i."),
             click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
@@ -161,7 +169,7 @@ def sampling_options(*, edit: bool = False) -> Callable:
 
 
 # How the sampler's (Python) names are spelled on the command line, for error messages.
-FLAG_NAMES = {**{name: knob_flag(name) for name in SamplingOptions.knobs()}, "class_labels": "--classes"}
+FLAG_NAMES = {**{name: knob_flag(name) for name in KNOBS}, "class_labels": "--classes"}
 
 
 FLAG_NAME_PATTERN = re.compile(r"(?<![\w-])(" + "|".join(sorted(FLAG_NAMES, key=len, reverse=True)) + r")(?![\w-])")
@@ -175,9 +183,10 @@ def in_flag_names(message: str) -> str:
 def split_sampling_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Take the sampler's flags out of a command's arguments: those given (the rest stay the model's
     defaults), checked before any work starts."""
-    options = {key: value for key in SamplingOptions.knobs() if (value := kwargs.pop(key)) is not None}
+    options = {key: value for key in KNOBS if (value := kwargs.pop(key)) is not None}
     try:
-        SamplingOptions(**options)
+        for name, value in options.items():
+            KNOBS[name][0].check(name, value)
     except InputError as error:
         raise InputError(in_flag_names(str(error))) from None
     return options
@@ -205,15 +214,23 @@ def model_argument(*, positional: bool) -> Callable:
     return decorate
 
 
-def load_pipeline(model_dir: str | None, device: str | None, **runtime: Any):
-    """The pipeline in ``model_dir`` (default: the shipped model); ``runtime``: the RUNTIME_OPTIONS values."""
-    from sundae.pipeline import SundaePipeline
+def load_pipeline(model_dir: str | None, device: str | None, options: dict[str, Any] | None = None, **runtime: Any):
+    """The pipeline in ``model_dir`` (default: the shipped model), SUNDAE or VAR as its index says, which
+    must take every sampler flag in ``options``; ``runtime``: the RUNTIME_OPTIONS values."""
+    from sundae import pipeline
+    from sundae.pipelines import load_pipeline as load_either
 
     directory = model_directory(model_dir)
+    loaded = load_either(directory, device=device, **runtime)
+    foreign = [name for name in options or {} if name not in loaded.options_class.knobs()]
+    if foreign:
+        paradigm = "VAR" if loaded.kind == pipeline.VAR_PIPELINE_KIND else "SUNDAE"
+        raise InputError(f"{', '.join(map(knob_flag, foreign))}: not a sampling option of {paradigm} models like "
+                         f"{directory.name}, which take {', '.join(map(knob_flag, loaded.options_class.knobs()))}")
     if runtime.get("compile"):
         click.echo("--compile: the first step compiles the sampling step (a minute or two; once more when "
                    "finished samples first leave the batch)", err=True)
-    return SundaePipeline.from_pretrained(directory, device=device, **runtime)
+    return loaded
 
 
 def parse_classes(value: str | None) -> list[str] | None:
@@ -269,7 +286,7 @@ def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | 
 
     options = split_sampling_kwargs(kwargs)
     labels = parse_classes(classes)
-    pipe = load_pipeline(model_dir, device, **kwargs)
+    pipe = load_pipeline(model_dir, device, options, **kwargs)
     pipe.set_progress_bar_config(disable=True)  # one bar below, over all batches
     resolved = pipe.sampling_options(has_class=labels is not None, **options)  # the flags over the model's defaults
     if labels is None and resolved.guidance_scale != 1.0 and pipe.class_names:
@@ -282,7 +299,8 @@ def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | 
     batches = range(0, num_images, batch_size)
     images, steps_taken, frames = [], [], []
     started = time.perf_counter()
-    with tqdm(total=len(batches) * resolved.steps, unit="step", desc="sampling", file=sys.stderr) as bar:
+    passes = pipe.forward_passes(resolved)
+    with tqdm(total=len(batches) * passes, unit="step", desc="sampling", file=sys.stderr) as bar:
         for number, start in enumerate(batches):
             count = min(batch_size, num_images - start)
             result = pipe(count, class_labels=None if labels is None else labels[start:start + count],
@@ -291,7 +309,7 @@ def sample(model_dir: str | None, out: Path, num_images: int, batch_size: int | 
             images += result.images
             steps_taken += result.steps_taken.tolist()
             frames = frames or result.trajectory
-            bar.update((number + 1) * resolved.steps - bar.n)  # samples that stopped early skip steps
+            bar.update((number + 1) * passes - bar.n)  # samples that stopped early skip steps
     elapsed = time.perf_counter() - started
     written = save_images(images, out, grid=True, per_image_dir=per_image_dir, nrow=nrow)
     if trajectory is not None:
@@ -368,7 +386,7 @@ def inpaint(image: str, mask: str | None, box: str | None, mask_rule: str, out: 
             **kwargs: Any) -> None:
     """Regenerate a masked region of IMAGE (several fills side by side)."""
     options = split_sampling_kwargs(kwargs)
-    pipe = load_pipeline(model_dir, device, **kwargs)
+    pipe = load_pipeline(model_dir, device, options, **kwargs)
     started = time.perf_counter()
     result = pipe.inpaint(image, resolve_mask(pipe, image, mask, box), num_images=num_images, mask_rule=mask_rule,
                           class_labels=_labels_for(classes, num_images), seed=seed, **options)
@@ -389,7 +407,7 @@ def refine(image: str, mask: str | None, box: str | None, mask_rule: str, streng
            **kwargs: Any) -> None:
     """Re-sample a masked region of IMAGE starting from its current content."""
     options = split_sampling_kwargs(kwargs)
-    pipe = load_pipeline(model_dir, device, **kwargs)
+    pipe = load_pipeline(model_dir, device, options, **kwargs)
     started = time.perf_counter()
     result = pipe.refine(image, resolve_mask(pipe, image, mask, box), strength=strength, num_images=num_images,
                          mask_rule=mask_rule, class_labels=_labels_for(classes, num_images), seed=seed, **options)
@@ -411,7 +429,7 @@ def outpaint(image: str, left: int, top: int, right: int, bottom: int, out: Path
              **kwargs: Any) -> None:
     """Extend IMAGE's canvas on any side and fill the new area."""
     options = split_sampling_kwargs(kwargs)
-    pipe = load_pipeline(model_dir, device, **kwargs)
+    pipe = load_pipeline(model_dir, device, options, **kwargs)
     started = time.perf_counter()
     result = pipe.outpaint(image, left=left, top=top, right=right, bottom=bottom, num_images=num_images,
                            class_labels=_labels_for(classes, num_images), seed=seed, **options)
@@ -508,7 +526,7 @@ def evaluate(model_dir: str | None, real: str, extractor: str, extractor_path: s
         if fake is not None:  # stored images: nothing to share out, rank 0 scores them
             return evaluate_images(fake, real, features, batch_size=batch_size, nearest_k=nearest_k,
                                    cache_dir=cache_dir) if context.is_main else None
-        report = evaluate_model(load_pipeline(model_dir, str(context.device), **kwargs), real_images=real,
+        report = evaluate_model(load_pipeline(model_dir, str(context.device), options, **kwargs), real_images=real,
                                 extractor=features, num_samples=num_samples, sampling_options=options, seed=seed,
                                 batch_size=batch_size, progress=True, nearest_k=nearest_k, cache_dir=cache_dir,
                                 model_id=pipeline_identity(model_directory(model_dir)), context=context)
@@ -555,7 +573,7 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
     options = split_sampling_kwargs(kwargs)
 
     def run(context: DistributedContext) -> list[dict[str, Any]] | None:  # on every rank; rank 0 gets the results
-        results = run_sweep(load_pipeline(model_dir, str(context.device), **kwargs), real,
+        results = run_sweep(load_pipeline(model_dir, str(context.device), options, **kwargs), real,
                             build_extractor(extractor, extractor_path, batch_size, str(context.device), model_dir),
                             parameter=parameter, values=points, num_samples=num_samples, base_options=options,
                             seed=seed, batch_size=batch_size, cache_dir=cache_dir, nearest_k=nearest_k, progress=True,
@@ -581,9 +599,11 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
               help="Prior preset (ffhq256, ffhq1024, imagenet, tiny ...); random weights.")
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--batch-sizes", default="1", show_default=True, help="Comma-separated, e.g. 1,16.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA, fp32 on CPU.")
-@click.option("--compile", is_flag=True, help="torch.compile the whole sampling step (forward + sampling arithmetic).")
+@click.option("--dtype", "--precision", "dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
+              show_default=True, help="auto: bf16 autocast on CUDA, fp32 on CPU; with --train as sundae train "
+              "(bf16 where its matmuls are native).")
+@click.option("--compile", is_flag=True, help="torch.compile the whole sampling step (forward + sampling arithmetic); "
+              "with --train the prior's objective.")
 @click.option("--cuda-graphs", is_flag=True, help="With --compile: replay each step as one CUDA graph (CUDA only).")
 @click.option("--early-stop", is_flag=True, help="Let samples stop on their own (rare with random weights).")
 @click.option("--repeats", type=int, default=3, show_default=True)
@@ -592,17 +612,48 @@ def sweep(model_dir: str | None, real: str, extractor: str, extractor_path: str 
 @click.option("--decode-tiles", type=int, default=None, help="Decode in this many tiles per side (less memory).")
 @click.option("--device", default=None)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full result here.")
+@click.option("--train", type=click.Choice(["prior", "tokenizer"]), is_flag=False, flag_value="prior", default=None,
+              help="Time training steps instead: --train, the prior's (forward, unrolled backward, AdamW); "
+              "--train tokenizer, the VQ-GAN's generator and discriminator updates.")
+@click.option("--model", default=None, help="With --train: a shipped model's name or a model directory, whose "
+              "prior (or tokenizer) configuration replaces --preset's.")
+@click.option("--tokenizer", default=None, help="A VQ-GAN preset instead of the preset's own (decoding, or --train "
+              "tokenizer).")
+@click.option("--unroll-steps", type=int, default=None, help="With --train: the unroll T (default: the preset's).")
+@click.option("--perceptual", default="auto", show_default=True,
+              help="With --train tokenizer: perceptual features of the loss (auto, lpips-vgg, stlpips-vgg, none).")
 @user_errors
-def bench(preset_name: str, steps: int, batch_sizes: str, json_path: str | None, **kwargs: Any) -> None:
-    """Time sampling (prior steps + decode) of a paper-size prior with random weights on this machine
-    (FLOPs against the matmul rate: benchmarks/speed.py in a source checkout)."""
+def bench(preset_name: str, steps: int, batch_sizes: str, json_path: str | None, train: str | None, model: str | None,
+          unroll_steps: int | None, perceptual: str, **kwargs: Any) -> None:
+    """Time sampling (prior steps + decode) of a paper-size prior with random weights on this machine, or
+    with --train its training steps (more figures: benchmarks/speed.py in a source checkout)."""
+    from click.core import ParameterSource
+
     from sundae.speed import time_sampling
+    from sundae.training.benchmark import time_prior_training, time_tokenizer_training
 
     try:
         sizes = tuple(int(v) for v in batch_sizes.split(","))
     except ValueError:
         raise InputError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
-    result = time_sampling(preset=preset_name, steps=steps, batch_sizes=sizes, **kwargs)
+    applies = {None: {"steps", "compile", "cuda_graphs", "early_stop", "decode", "decode_tiles", "tokenizer"},
+               "prior": {"model", "compile", "unroll_steps"}, "tokenizer": {"model", "tokenizer", "perceptual"}}
+    context = click.get_current_context()
+    flags = {parameter.name: parameter.opts[0] for parameter in context.command.params}
+    misplaced = [flags[name] for name in sorted(set().union(*applies.values()) - applies[train])
+                 if context.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if misplaced:
+        raise InputError(f"{', '.join(misplaced)}: not used by {'--train ' + train if train else 'sampling'}; "
+                         "leave out")
+    shared = {"batch_sizes": sizes, "precision": kwargs["dtype"], "repeats": kwargs["repeats"],
+              "warmup": kwargs["warmup"], "device": kwargs["device"], "model": model,
+              "preset": None if model is not None else preset_name}
+    if train == "prior":
+        result = time_prior_training(compile=kwargs["compile"], unroll_steps=unroll_steps, **shared)
+    elif train == "tokenizer":
+        result = time_tokenizer_training(tokenizer=kwargs["tokenizer"], perceptual=perceptual, **shared)
+    else:
+        result = time_sampling(preset=preset_name, steps=steps, batch_sizes=sizes, **kwargs)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     click.echo(result["summary"])
@@ -685,6 +736,14 @@ def parse_depth(text: str):
     return value
 
 
+def parse_integers(text: str, flag: str) -> tuple[int, ...]:
+    """"1,2,3" -> (1, 2, 3), or one clear error naming ``flag``."""
+    try:
+        return tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise InputError(f"{flag} must be integers separated by commas (e.g. 1,2,3,4,5,7), got {text!r}") from None
+
+
 TRAINING_PRECISION_OPTION = click.option(
     "--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
     help="Autocast dtype of the training step; auto: bf16 where its matmuls are native (CUDA, CPUs with AMX or "
@@ -713,6 +772,9 @@ def given(**values: Any) -> dict[str, Any]:
 @click.option("--channel-multipliers", default=None, help="e.g. 1,2,2 (f = 2^(len-1)).")
 @click.option("--num-res-blocks", type=int, default=None)
 @click.option("--embed-dim", type=int, default=None)
+@click.option("--scales", default=None,
+              help="VAR's multi-scale residual quantizer at these token-grid sides, e.g. 1,2,3,4,5,7 (the last one "
+                   "the latent grid); a *-msvq preset has its own.")
 @click.option("--steps", type=int, default=20_000, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Per process.")
 @click.option("--lr", "learning_rate", type=float, default=1e-4, show_default=True)
@@ -746,12 +808,13 @@ def given(**values: Any) -> dict[str, Any]:
 @ALLOW_CHANGED_SETTINGS_OPTION
 @user_errors
 def train_tokenizer_command(images: str, output_dir: str, preset_name: str, resolution, codebook_size, channels,
-                            channel_multipliers, num_res_blocks, embed_dim, discriminator_start, discriminator_weight,
+                            channel_multipliers, num_res_blocks, embed_dim, scales, discriminator_start,
+                            discriminator_weight,
                             discriminator_layers,
                             perceptual_weight, perceptual, perceptual_vgg_path, perceptual_lin_path,
                             **kwargs: Any) -> None:
     """Train a VQ-GAN on an image folder (multi-GPU: torchrun --nproc_per_node=N -m sundae.cli ...)."""
-    from sundae.config import VQGAN_PRESETS, preset
+    from sundae.config import VQGAN_PRESETS, preset, tokenizer_config_from_dict
     from sundae.training.tokenizer import TokenizerTrainingConfig, train_tokenizer
 
     multipliers = None if channel_multipliers is None else tuple(int(v) for v in channel_multipliers.split(","))
@@ -760,6 +823,8 @@ def train_tokenizer_command(images: str, output_dir: str, preset_name: str, reso
         num_res_blocks=num_res_blocks, embed_dim=embed_dim))
     if embed_dim is not None and model.quantizer == "gumbel":
         model = model.replace(z_channels=embed_dim)
+    if scales is not None:
+        model = tokenizer_config_from_dict({**model.to_dict(), "scales": parse_integers(scales, "--scales")})
     loss = given(discriminator_start=discriminator_start, discriminator_weight=discriminator_weight,
                  perceptual_weight=perceptual_weight, perceptual=perceptual, perceptual_vgg_path=perceptual_vgg_path,
                  perceptual_lin_path=perceptual_lin_path)
@@ -785,11 +850,11 @@ def reconstruct(tokenizer_dir: str, images: str, out: Path | None, limit: int, b
     the perplexity and used share of the codebook over all the images' tokens."""
     from sundae.data.images import ImageFolder
     from sundae.runtime import resolve_device
-    from sundae.tokenizer import VQGAN
+    from sundae.var.tokenizer import load_vqgan
     from sundae.eval.reconstruction import measure_reconstructions, save_reconstruction_grid
 
     device = resolve_device(device)
-    tokenizer = VQGAN.from_pretrained(tokenizer_dir, map_location=device).eval()
+    tokenizer = load_vqgan(tokenizer_dir, map_location=device)
     folder = ImageFolder(images, resolution=tokenizer.config.resolution, channels=tokenizer.config.in_channels)
     measured = measure_reconstructions(tokenizer, folder, limit=limit, batch_size=batch_size, progress=True)
     grid_images = measured.pop("grid_images")
@@ -815,10 +880,10 @@ def encode(images: str, tokenizer_dir: str, output_dir: str, resolution: int | N
     """Encode an image folder (and every image's horizontal flip) into a memory-mapped token dataset."""
     from sundae.data.latents import encode_folder, tokenizer_identity
     from sundae.runtime import resolve_device
-    from sundae.tokenizer import VQGAN
+    from sundae.var.tokenizer import load_vqgan
 
     device = resolve_device(device)
-    tokenizer = VQGAN.from_pretrained(tokenizer_dir, map_location=device).eval()
+    tokenizer = load_vqgan(tokenizer_dir, map_location=device)
     target = encode_folder(tokenizer, images, output_dir, resolution=resolution or tokenizer.config.resolution,
                            batch_size=batch_size, validation_fraction=validation_fraction, split_seed=split_seed,
                            device=device, tokenizer_id=tokenizer_identity(tokenizer_dir))
@@ -829,10 +894,40 @@ def encode(images: str, tokenizer_dir: str, output_dir: str, resolution: int | N
                f"{'x'.join(map(str, manifest['grid_shape']))}, {len(manifest['skipped'])} unreadable file(s) skipped")
 
 
+def prior_loop_options(function: Callable) -> Callable:
+    """The flags of the prior training loop, shared by ``train`` (SUNDAE) and ``train-var`` (VAR)."""
+    for option in reversed([
+        click.argument("data", type=click.Path(exists=True)),
+        click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False),
+                     help="Run folder; an existing checkpoint there is resumed exactly."),
+        click.option("--steps", type=int, default=10_000, show_default=True),
+        click.option("--batch-size", type=int, default=32, show_default=True, help="Per process and micro-batch."),
+        click.option("--gradient-accumulation", type=int, default=1, show_default=True),
+        click.option("--lr", "learning_rate", type=float, default=3e-4, show_default=True),
+        click.option("--warmup-steps", type=int, default=500, show_default=True),
+        click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine",
+                     show_default=True),
+        click.option("--weight-decay", type=float, default=0.01, show_default=True),
+        click.option("--ema-decay", type=float, default=None),
+        click.option("--label-dropout", type=float, default=0.1, show_default=True),
+        click.option("--unconditional", is_flag=True, help="Ignore the dataset's class labels."),
+        click.option("--log-every", type=int, default=50, show_default=True),
+        click.option("--eval-every", type=int, default=500, show_default=True),
+        click.option("--eval-batches", type=int, default=8, show_default=True),
+        click.option("--sample-every", type=int, default=1000, show_default=True),
+        click.option("--checkpoint-every", type=int, default=1000, show_default=True),
+        click.option("--stop-after-steps", type=int, default=None, help="End this run early (resume later)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default=None),
+        click.option("--compile", is_flag=True, help="torch.compile the training step."),
+        TRAINING_PRECISION_OPTION,
+        ALLOW_CHANGED_SETTINGS_OPTION,
+    ]):
+        function = option(function)
+    return function
+
+
 @main.command("train")
-@click.argument("data", type=click.Path(exists=True))
-@click.option("--output-dir", "-o", required=True, type=click.Path(file_okay=False),
-              help="Run folder; an existing checkpoint there is resumed exactly.")
 @click.option("--preset", "preset_name", default="tiny", show_default=True,
               help="Hourglass preset (Table 3: ffhq256, ffhq1024, celeba, mnist, fashion-mnist, imagenet).")
 @click.option("--dim", type=int, default=None)
@@ -842,29 +937,9 @@ def encode(images: str, tokenizer_dir: str, output_dir: str, resolution: int | N
 @click.option("--shorten-factor", type=int, default=None)
 @click.option("--resample", type=click.Choice(["2d", "1d"]), default=None, help="1d: the original hourglass (ablation).")
 @click.option("--dropout", type=float, default=None)
-@click.option("--steps", type=int, default=10_000, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Per process and micro-batch.")
-@click.option("--gradient-accumulation", type=int, default=1, show_default=True)
-@click.option("--lr", "learning_rate", type=float, default=3e-4, show_default=True)
-@click.option("--warmup-steps", type=int, default=500, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
 @click.option("--unroll-steps", type=int, default=None, help="Training unroll T (default: Table 3's value for the preset).")
-@click.option("--ema-decay", type=float, default=None)
-@click.option("--label-dropout", type=float, default=0.1, show_default=True)
-@click.option("--unconditional", is_flag=True, help="Ignore the dataset's class labels.")
-@click.option("--log-every", type=int, default=50, show_default=True)
-@click.option("--eval-every", type=int, default=500, show_default=True)
-@click.option("--eval-batches", type=int, default=8, show_default=True)
-@click.option("--sample-every", type=int, default=1000, show_default=True)
 @click.option("--sample-steps", type=int, default=50, show_default=True, help="Sampling steps of the sample grids.")
-@click.option("--checkpoint-every", type=int, default=1000, show_default=True)
-@click.option("--stop-after-steps", type=int, default=None, help="End this run early (resume later).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None)
-@click.option("--compile", is_flag=True, help="torch.compile the training step.")
-@TRAINING_PRECISION_OPTION
-@ALLOW_CHANGED_SETTINGS_OPTION
+@prior_loop_options
 @user_errors
 def train_prior_command(data: str, output_dir: str, preset_name: str, dim, depth, heads, head_dim, shorten_factor,
                         resample, dropout, unroll_steps, unconditional: bool, **kwargs: Any) -> None:
@@ -879,6 +954,33 @@ def train_prior_command(data: str, output_dir: str, preset_name: str, dim, depth
                                  unroll_steps=unroll_steps or UNROLL_STEPS.get(preset_name, 2),
                                  class_conditional=not unconditional, **kwargs)
     click.echo(train_prior(config).summary("prior"))
+
+
+@main.command("train-var")
+@click.option("--preset", "preset_name", default="tiny", show_default=True,
+              help="Next-scale transformer preset (fashion-mnist, tiny); codebook, scales and classes come from "
+                   "the data.")
+@click.option("--dim", type=int, default=None)
+@click.option("--depth", type=int, default=None, help="Transformer layers.")
+@click.option("--heads", type=int, default=None)
+@click.option("--head-dim", type=int, default=None)
+@click.option("--dropout", type=float, default=None)
+@prior_loop_options
+@user_errors
+def train_var_command(data: str, output_dir: str, preset_name: str, dim, depth, heads, head_dim, dropout,
+                      unconditional: bool, **kwargs: Any) -> None:
+    """Train VAR's next-scale prior (spec seed 003) on a latent dataset of a multi-scale tokenizer
+    (sundae train-tokenizer --scales ..., then sundae encode): the SUNDAE loop's DDP, EMA, precision and
+    exact resume, and a model directory that sample, inpaint, evaluate and the app take."""
+    from sundae.config import NEXT_SCALE_PRESETS, preset
+    from sundae.training.prior import PriorTrainingConfig
+    from sundae.var.training import train_var
+
+    model = preset(preset_name, NEXT_SCALE_PRESETS).replace(**given(
+        dim=dim, depth=depth, heads=heads, head_dim=head_dim, dropout=dropout))
+    config = PriorTrainingConfig(data=data, output_dir=output_dir, model=model.to_dict(), family="var",
+                                 class_conditional=not unconditional, **kwargs)
+    click.echo(train_var(config).summary("VAR prior"))
 
 
 if __name__ == "__main__":

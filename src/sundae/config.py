@@ -303,6 +303,10 @@ class VQGANConfig(ConfigBase):
             )
         return height // f, width // f
 
+    def token_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The shape of one image's tokens: its latent grid (a multi-scale tokenizer packs its scales)."""
+        return self.latent_shape(height, width)
+
     def validate(self) -> None:
         owner = type(self).__name__
         if self.quantizer not in ("vq", "gumbel"):
@@ -399,6 +403,137 @@ VQGAN_PRESETS: dict[str, VQGANConfig] = {
         z_channels=32, embed_dim=32, codebook_size=256,
     ),
 }
+
+# VAR's multi-scale tokenizers (MultiScaleVQGANConfig, defined below) are added to VQGAN_PRESETS there
+
+
+# ---------------------------------------------------------------------------------------------
+# VAR, the rival paradigm (spec seed 003; Tian et al. 2024, "Visual Autoregressive Modeling")
+# ---------------------------------------------------------------------------------------------
+
+
+def check_scales(owner: str, scales: tuple[int, ...]) -> None:
+    """A scale schedule: strictly increasing token-grid sides, at least one, each >= 1."""
+    if not 1 <= len(scales) <= 64 or scales[0] < 1 or any(b <= a for a, b in zip(scales, scales[1:])):
+        raise ConfigError(f"{owner}.scales must be 1 to 64 strictly increasing sides >= 1 (e.g. 1, 2, 3, 4, 5, 7), "
+                          f"got {short_repr(scales)}", field="scales")
+    check_range(owner, "scales", scales[-1], 1, MAX_LATENT_SIDE)
+
+
+def scale_lengths(scales: tuple[int, ...]) -> list[int]:
+    """Tokens per scale, s²: a multi-scale token sequence is their concatenation, coarsest first."""
+    return [side * side for side in scales]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiScaleVQGANConfig(VQGANConfig):
+    """The VQ-GAN of :class:`VQGANConfig` with VAR's multi-scale residual quantizer: one shared codebook
+    quantises the encoder's features at each side of ``scales`` (the last one the latent grid), each
+    scale what the coarser ones left; ``residual_ratio`` r mixes each upsampled code map h with its
+    3x3 convolution φ(h) as (1 - r)·h + r·φ(h). Tokens are one row of Σ s² codes per image."""
+
+    scales: tuple[int, ...] = (1, 2, 3, 4, 5, 7)
+    residual_ratio: float = 0.5
+
+    def token_shape(self, height: int, width: int) -> tuple[int, int]:
+        grid = self.latent_shape(height, width)
+        if grid != (self.scales[-1], self.scales[-1]):
+            raise ConfigError(f"a {height}x{width} image gives a {grid[0]}x{grid[1]} latent grid, but the scale "
+                              f"schedule {self.scales} ends at {self.scales[-1]}x{self.scales[-1]}; the last scale "
+                              "must be the grid size", field="scales")
+        return 1, sum(scale_lengths(self.scales))
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        check_scales(owner, self.scales)
+        if self.quantizer != "vq":
+            raise ConfigError(f"{owner}: the multi-scale quantizer is a nearest-codeword one; set quantizer to 'vq'",
+                              field="quantizer")
+        if not 0.0 <= self.residual_ratio <= 1.0:
+            raise ConfigError(f"{owner}.residual_ratio must be in [0, 1], got {self.residual_ratio}",
+                              field="residual_ratio")
+        if self.scales[-1] * self.downsample_factor != self.resolution:
+            raise ConfigError(f"{owner}: the scale schedule {self.scales} must end at the latent grid side "
+                              f"{self.resolution // self.downsample_factor} (resolution {self.resolution} / f = "
+                              f"{self.downsample_factor}), got {self.scales[-1]}", field="scales")
+
+
+def tokenizer_config_from_dict(fields: dict[str, Any]) -> VQGANConfig:
+    """A tokenizer config from its fields: multi-scale when they give a scale schedule."""
+    config_class = MultiScaleVQGANConfig if isinstance(fields, dict) and "scales" in fields else VQGANConfig
+    return config_class.from_dict(fields)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NextScaleConfig(ConfigBase):
+    """VAR's next-scale prediction transformer over the scales of a :class:`MultiScaleVQGANConfig`.
+
+    ``embed_dim`` is the tokenizer's codeword width: the input of scale k+1 is the sum of the coarser
+    scales' code maps, resized to its side. ``depth`` pre-norm layers of ``heads`` x ``head_dim``
+    attention, block-causal (a scale sees itself and every coarser one). A class-conditional model has
+    ``num_classes`` + 1 class embeddings (the last the null class for classifier-free guidance); the
+    class is the start token and is added to every position.
+    """
+
+    codebook_size: int = 1024
+    embed_dim: int = 32
+    scales: tuple[int, ...] = (1, 2, 3, 4, 5, 7)
+    dim: int = 256
+    depth: int = 8
+    heads: int = 4
+    head_dim: int = 64
+    ff_multiplier: int = 4
+    dropout: float = 0.0
+    num_classes: int | None = None
+
+    @property
+    def null_class(self) -> int | None:
+        return self.num_classes
+
+    @property
+    def sequence_length(self) -> int:
+        return sum(scale_lengths(self.scales))
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.scales[-1], self.scales[-1]
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        check_scales(owner, self.scales)
+        check_range(owner, "codebook_size", self.codebook_size, 2, MAX_CODEBOOK_SIZE)
+        for name in ("embed_dim", "dim", "head_dim"):
+            check_range(owner, name, getattr(self, name), 1, MAX_WIDTH)
+        check_range(owner, "depth", self.depth, 1, MAX_LAYERS)
+        check_range(owner, "heads", self.heads, 1, 1024)
+        check_range(owner, "ff_multiplier", self.ff_multiplier, 1, 64)
+        if self.head_dim % 4:
+            raise ConfigError(f"2D rotary embeddings need head_dim divisible by 4, got {self.head_dim}",
+                              field="head_dim")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", field="dropout")
+        if self.num_classes is not None:
+            check_range(owner, "num_classes", self.num_classes, 1, MAX_CODEBOOK_SIZE)
+        check_parameter_budget(owner, self.depth * (4 * self.dim * self.heads * self.head_dim
+                                                    + 2 * self.ff_multiplier * self.dim ** 2)
+                               + (self.codebook_size + (self.num_classes or 0)) * self.dim,
+                               "dim, depth, heads, head_dim, ff_multiplier and codebook_size")
+
+
+NEXT_SCALE_PRESETS: dict[str, NextScaleConfig] = {
+    # sized to train on 2 CPU cores beside the shipped Fashion-MNIST SUNDAE prior (the VAR comparison)
+    "fashion-mnist": NextScaleConfig(codebook_size=1024, embed_dim=32, scales=(1, 2, 3, 4, 5, 7), dim=256, depth=8,
+                                     heads=4, head_dim=64, num_classes=10),
+    "tiny": NextScaleConfig(codebook_size=64, embed_dim=32, scales=(1, 2, 4), dim=64, depth=2, heads=4, head_dim=16),
+}
+
+VQGAN_PRESETS.update({
+    # the VAR comparison's tokenizer: the shipped default's VQ-GAN with scales 1, 2, 3, 4, 5, 7 on its 7x7 grid
+    "fashion-mnist-msvq": MultiScaleVQGANConfig(**VQGAN_PRESETS["fashion-mnist-f4"].to_dict(), scales=(1, 2, 3, 4, 5, 7)),
+    "tiny-msvq": MultiScaleVQGANConfig(**{**VQGAN_PRESETS["tiny-f4"].to_dict(), "codebook_size": 64,
+                                          "resolution": 16, "attention_resolutions": (4,)}, scales=(1, 2, 4)),
+})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,7 +751,30 @@ SCHEDULES = ("linear", "cosine")
 
 
 @dataclass(frozen=True, kw_only=True)
-class SamplingOptions(ConfigBase):
+class KnobOptions(ConfigBase):
+    """Options whose every field is a :func:`knob`: the CLI's flags and the web app's form are built from them."""
+
+    @classmethod
+    def knobs(cls) -> dict[str, Knob]:
+        """Every field's :class:`Knob`, in field order."""
+        return {field.name: field.metadata["knob"] for field in dataclasses.fields(cls)}
+
+    @classmethod
+    def knob_type(cls, name: str) -> tuple[type, bool]:
+        """A field's value type and whether it takes None (``int | None`` -> ``(int, True)``)."""
+        hint = field_types(cls)[name]
+        arms = typing.get_args(hint)
+        return next((arm for arm in arms if arm is not type(None)), hint), type(None) in arms
+
+    def validate(self) -> None:
+        for name, spec in self.knobs().items():
+            value = getattr(self, name)
+            if value is not None:
+                spec.check(name, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions(KnobOptions):
     """Sampler knobs (:mod:`sundae.sampler`), the one definition of their names, types, ranges, help
     and library defaults: the CLI's flags and the web app's form are built from these fields
     (:meth:`knobs`), and a model directory's ``scheduler/config.json`` holds one instance, the
@@ -655,24 +813,6 @@ class SamplingOptions(ConfigBase):
                                        "one device sync; the samples do not change).",
                                     label="Compaction interval", minimum=1, form=False)
 
-    @classmethod
-    def knobs(cls) -> dict[str, Knob]:
-        """Every field's :class:`Knob`, in field order."""
-        return {field.name: field.metadata["knob"] for field in dataclasses.fields(cls)}
-
-    @classmethod
-    def knob_type(cls, name: str) -> tuple[type, bool]:
-        """A field's value type and whether it takes None (``int | None`` -> ``(int, True)``)."""
-        hint = field_types(cls)[name]
-        arms = typing.get_args(hint)
-        return next((arm for arm in arms if arm is not type(None)), hint), type(None) in arms
-
-    def validate(self) -> None:
-        for name, spec in self.knobs().items():
-            value = getattr(self, name)
-            if value is not None:
-                spec.check(name, value)
-
     def temperature_at(self, step: int) -> float:
         return _schedule(self.temperature, self.end_temperature, step, self.steps, self.temperature_schedule)
 
@@ -689,6 +829,36 @@ def _schedule(start: float, end: float, step: int, steps: int, kind: str) -> flo
     return start + (end - start) * progress
 
 
+GUIDANCE_SCHEDULES = ("linear", "constant")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NextScaleOptions(KnobOptions):
+    """VAR's sampling knobs (:mod:`sundae.var.sampler`): one forward pass per scale, so no step count,
+    proportion or self-stopping. A model directory's ``scheduler/config.json`` holds the defaults
+    chosen for that model, as it does :class:`SamplingOptions` for a SUNDAE model.
+
+    Guidance g is VAR's linear ramp by default: scale k of K samples with 1 + (g - 1)·k/(K - 1), no
+    guidance at the first scale and g at the last (Tian et al. 2024, their sampler's ``cfg`` ratio).
+    """
+
+    temperature: float = knob(1.0, "Sampling temperature.", label="Temperature", minimum=0.0, maximum=10.0,
+                              exclusive_minimum=True)
+    top_k: int | None = knob(None, "Sample among the k most likely codes.", none="off", label="Top-k", minimum=1)
+    top_p: float | None = knob(None, "Nucleus sampling threshold.", none="off", label="Top-p", minimum=0.0,
+                               maximum=1.0, exclusive_minimum=True)
+    guidance_scale: float = knob(1.0, "Classifier-free guidance at the last scale (1 = plain conditional, "
+                                      "0 = unconditional).", flag="--guidance", label="Guidance", minimum=0.0,
+                                 maximum=50.0, step=0.5)
+    guidance_schedule: str = knob("linear", "Guidance over the scales: VAR's linear ramp from 1 or constant.",
+                                  label="Guidance schedule", choices=GUIDANCE_SCHEDULES)
+
+    def guidance_at(self, scale: int, scales: int) -> float:
+        if self.guidance_schedule == "constant" or scales == 1:
+            return self.guidance_scale
+        return 1.0 + (self.guidance_scale - 1.0) * scale / (scales - 1)
+
+
 # Inpainting, outpainting and refinement sample at a low constant temperature (§3.6: 0.3 <= tau <= 0.5):
 # these replace the model's own defaults (its scheduler/config.json) for those operations; an explicit
 # temperature still wins (SundaePipeline.sampling_options).
@@ -697,5 +867,6 @@ INPAINT_DEFAULTS = {"temperature": 0.4, "end_temperature": 0.4}
 __all__ = [
     "ConfigBase", "ConfigError", "MAX_CODEBOOK_SIZE", "MAX_PARAMETERS", "field_types", "short_repr", "VQGANConfig",
     "HourglassConfig", "VQGAN_PRESETS", "HOURGLASS_PRESETS", "Knob", "SamplingOptions", "INPAINT_DEFAULTS",
-    "UNROLL_STEPS", "depth_layers", "depth_levels", "preset",
+    "UNROLL_STEPS", "depth_layers", "depth_levels", "preset", "MultiScaleVQGANConfig", "NextScaleConfig",
+    "NEXT_SCALE_PRESETS", "scale_lengths", "tokenizer_config_from_dict", "NextScaleOptions",
 ]

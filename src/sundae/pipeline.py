@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import sundae
 from sundae.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_json, replace_directory_atomically,
                                staging_directory, write_json_atomic)
-from sundae.config import INPAINT_DEFAULTS, ConfigError, short_repr
+from sundae.config import INPAINT_DEFAULTS, ConfigError, KnobOptions, short_repr
 from sundae.denoiser import Hourglass
 from sundae.data.images import loose_class_name
 from sundae.errors import InputError
@@ -53,9 +53,13 @@ ClassLabels = Sequence[int | str] | int | str | None  # one per result, or one f
 Seeds = Sequence[int] | Tensor
 MODEL_INDEX_NAME = "model_index.json"
 MODEL_FORMAT, MODEL_FORMAT_VERSION, PIPELINE_KIND = "sundae-model", 1, "sundae-pipeline"
+VAR_PIPELINE_KIND = "var-pipeline"  # VAR's next-scale prior and multi-scale tokenizer (sundae.var.pipeline)
 PRIOR_SUBDIR, TOKENIZER_SUBDIR, SCHEDULER_SUBDIR = "prior", "tokenizer", "scheduler"
 COMPONENT_CLASSES = {"prior": ("Hourglass",), "tokenizer": ("VQGAN", "PixelTokenizer"),
                      "scheduler": ("SamplingOptions",)}
+KIND_COMPONENTS = {PIPELINE_KIND: COMPONENT_CLASSES,
+                   VAR_PIPELINE_KIND: {"prior": ("NextScaleTransformer",), "tokenizer": ("MultiScaleVQGAN",),
+                                       "scheduler": ("NextScaleOptions",)}}
 
 
 @dataclass
@@ -93,9 +97,9 @@ def load_tokenizer(directory: Path | None, device: torch.device | str = "cpu") -
     """The VQ-GAN saved in ``directory``, or the pixel tokenizer when there is none."""
     if directory is None:
         return PixelTokenizer().to(device)
-    from sundae.tokenizer import VQGAN
+    from sundae.var.tokenizer import load_vqgan
 
-    return VQGAN.from_pretrained(directory, map_location=device).eval()
+    return load_vqgan(directory, map_location=device)
 
 
 def load_decoder_for(dataset, device: torch.device | str) -> nn.Module:
@@ -168,29 +172,30 @@ def read_model_index(directory: Path) -> dict[str, Any]:
                                   f"{directory} NEW_DIR`")
         raise CheckpointError(f"{directory} is not a sundae model directory (no {MODEL_INDEX_NAME})")
     index = read_json(path)
-    if not isinstance(index, dict) or index.get("format") != MODEL_FORMAT or index.get("kind") != PIPELINE_KIND:
+    if not isinstance(index, dict) or index.get("format") != MODEL_FORMAT or index.get("kind") not in KIND_COMPONENTS:
         raise CheckpointError(f"{path} is not the index of a sundae model (it needs \"format\": {MODEL_FORMAT!r} and "
-                              f"\"kind\": {PIPELINE_KIND!r})")
+                              f"\"kind\": {' or '.join(map(repr, KIND_COMPONENTS))})")
     if index.get("format_version") != MODEL_FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {short_repr(index.get('format_version'))}; sundae "
                               f"{sundae.__version__} reads version {MODEL_FORMAT_VERSION} (a newer sundae wrote it?)")
-    components = index.get("components")
-    if not isinstance(components, dict) or set(components) != set(COMPONENT_CLASSES) or any(
-            components[name] not in classes for name, classes in COMPONENT_CLASSES.items()):
-        expected = "; ".join(f"{name}: {' or '.join(classes)}" for name, classes in COMPONENT_CLASSES.items())
+    components, expected_classes = index.get("components"), KIND_COMPONENTS[index["kind"]]
+    if not isinstance(components, dict) or set(components) != set(expected_classes) or any(
+            components[name] not in classes for name, classes in expected_classes.items()):
+        expected = "; ".join(f"{name}: {' or '.join(classes)}" for name, classes in expected_classes.items())
         raise CheckpointError(f"{path}: \"components\" must be {{{expected}}}, got {short_repr(components, 200)}")
     return index
 
 
-def read_scheduler(path: str | os.PathLike) -> SamplingOptions:
-    """The :class:`SamplingOptions` of a scheduler ``config.json`` (``{"class": "SamplingOptions", "config":
-    {...}}``; fields it leaves out take the library defaults), every field type- and range-checked."""
+def read_scheduler(path: str | os.PathLike, options_class: type[KnobOptions] = SamplingOptions) -> KnobOptions:
+    """The options of a scheduler ``config.json`` (``{"class": "SamplingOptions", "config": {...}}``, or
+    another ``options_class``; fields it leaves out take the library defaults), every field type- and
+    range-checked."""
     payload = read_json(path)
-    if not isinstance(payload, dict) or payload.get("class") != "SamplingOptions" or \
-            not isinstance(payload.get("config"), dict):
-        raise CheckpointError(f"{path} must hold {{\"class\": \"SamplingOptions\", \"config\": {{...}}}}")
+    name = options_class.__name__
+    if not isinstance(payload, dict) or payload.get("class") != name or not isinstance(payload.get("config"), dict):
+        raise CheckpointError(f"{path} must hold {{\"class\": \"{name}\", \"config\": {{...}}}}")
     try:
-        return SamplingOptions.from_dict(payload["config"])
+        return options_class.from_dict(payload["config"])
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}", field=error.field) from None
 
@@ -210,16 +215,17 @@ def _write_component(component: nn.Module | Path, target: Path, extra: dict[str,
     return payload.get("class") if isinstance(payload, dict) else None
 
 
-def write_model_directory(directory: str | os.PathLike, *, prior: Hourglass | Path, tokenizer: nn.Module | Path | None,
-                          scheduler: SamplingOptions, prior_extra: dict[str, Any] | None = None,
-                          weights_dtype: torch.dtype | None = None) -> Path:
+def write_model_directory(directory: str | os.PathLike, *, prior: nn.Module | Path, tokenizer: nn.Module | Path | None,
+                          scheduler: KnobOptions, prior_extra: dict[str, Any] | None = None,
+                          weights_dtype: torch.dtype | None = None, kind: str = PIPELINE_KIND) -> Path:
     """Write a model directory (module docstring) into ``<directory>.staging`` and swap it in whole, so an
     interrupted save leaves the previous one intact.
 
     ``prior`` and ``tokenizer`` are modules to save or component folders to copy unchanged; a tokenizer
     that is None or a :class:`PixelTokenizer` gets no folder. ``prior_extra`` goes into a saved prior's
     config.json; ``weights_dtype`` (e.g. ``torch.float16``) stores saved modules' floating-point
-    weights in that precision. Saving replaces the whole folder, so an existing ``directory`` must be
+    weights in that precision; ``kind`` says which paradigm it is (:data:`KIND_COMPONENTS`). Saving replaces the
+    whole folder, so an existing ``directory`` must be
     empty or a model directory (it holds a model_index.json or, in the old layout, a config.json).
     """
     directory = Path(directory)
@@ -232,11 +238,11 @@ def write_model_directory(directory: str | os.PathLike, *, prior: Hourglass | Pa
                   "tokenizer": PixelTokenizer.__name__}
     if tokenizer is not None and not isinstance(tokenizer, PixelTokenizer):
         components["tokenizer"] = _write_component(tokenizer, staging / TOKENIZER_SUBDIR, None, weights_dtype)
-    components["scheduler"] = SamplingOptions.__name__
+    components["scheduler"] = type(scheduler).__name__
     write_json_atomic(staging / SCHEDULER_SUBDIR / CONFIG_NAME,
-                      {"class": SamplingOptions.__name__, "config": scheduler.to_dict()})
+                      {"class": type(scheduler).__name__, "config": scheduler.to_dict()})
     write_json_atomic(staging / MODEL_INDEX_NAME, {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-                                                   "kind": PIPELINE_KIND, "library_version": sundae.__version__,
+                                                   "kind": kind, "library_version": sundae.__version__,
                                                    "components": components})
     replace_directory_atomically(staging, directory)
     return directory
@@ -383,12 +389,16 @@ class SundaePipeline:
     default: :class:`SamplingOptions`' own); a model directory keeps them in ``scheduler/``.
     """
 
-    def __init__(self, prior: Hourglass, tokenizer: nn.Module, *, class_names: list[str] | None = None,
-                 name: str = "sundae", sampling_defaults: SamplingOptions | None = None, precision: str = "auto",
+    kind = PIPELINE_KIND
+    options_class: type[KnobOptions] = SamplingOptions
+    edit_defaults: dict[str, Any] = INPAINT_DEFAULTS  # what inpaint, refine and outpaint change of the defaults
+
+    def __init__(self, prior: nn.Module, tokenizer: nn.Module, *, class_names: list[str] | None = None,
+                 name: str = "sundae", sampling_defaults: KnobOptions | None = None, precision: str = "auto",
                  compile: bool = False, decode_tiles: int | None = None) -> None:
         self.master_prior, self.master_tokenizer = prior, tokenizer
         self.class_names = class_names
-        self.sampling_defaults = sampling_defaults or SamplingOptions()
+        self.sampling_defaults = sampling_defaults or self.options_class()
         self.name = name
         self.precision, self.compile = precision, compile
         self._progress_bar_config: dict[str, Any] = {}
@@ -409,6 +419,9 @@ class SundaePipeline:
         ``decode_tiles`` (see the class)."""
         directory = model_directory(directory)
         index = read_model_index(directory)
+        if index["kind"] != cls.kind:
+            raise CheckpointError(f"{directory} is a {index['kind']} model, not a {cls.kind} one; load it with "
+                                  "sundae.pipelines.load_pipeline, which reads either")
         tokenizer_dir = directory / TOKENIZER_SUBDIR if index["components"]["tokenizer"] == "VQGAN" else None
         prior, tokenizer, data = load_components(directory / PRIOR_SUBDIR, tokenizer_dir, resolve_device(device))
         return cls(prior, tokenizer, class_names=data.get("class_names"), name=directory.name,
@@ -424,7 +437,7 @@ class SundaePipeline:
                             "grid_shape": list(self.prior.config.latent_shape)}}
         return write_model_directory(directory, prior=self.master_prior, tokenizer=self.master_tokenizer,
                                      scheduler=self.sampling_defaults, prior_extra={**payload, **(extra or {})},
-                                     weights_dtype=weights_dtype)
+                                     weights_dtype=weights_dtype, kind=self.kind)
 
     def sampling_options(self, options: SamplingOptions | Mapping[str, Any] | None = None, *, edit: bool = False,
                          has_class: bool = True, **overrides: Any) -> SamplingOptions:
@@ -435,14 +448,23 @@ class SundaePipeline:
 
         Guidance needs a class, so for a call without one (``has_class`` False) the model's default
         guidance does not apply; guidance asked for explicitly still does (and the sampler refuses it)."""
-        if isinstance(options, SamplingOptions):
+        if isinstance(options, KnobOptions):
             base, options = options, None
         else:
-            base = self.sampling_defaults.replace(**INPAINT_DEFAULTS) if edit else self.sampling_defaults
+            base = self.sampling_defaults.replace(**self.edit_defaults) if edit and self.edit_defaults \
+                else self.sampling_defaults
             if not has_class:
                 base = base.replace(guidance_scale=1.0)
         changes = {**(options or {}), **overrides}
+        foreign = sorted(set(changes) - set(self.options_class.knobs()))
+        if foreign:
+            raise InputError(f"{', '.join(foreign)}: unknown field(s), not options of this {self.kind} model; it "
+                             f"takes {', '.join(self.options_class.knobs())}")
         return base.replace(**changes) if changes else base
+
+    def forward_passes(self, options: KnobOptions) -> int:
+        """Prior forward passes per image at most: SUNDAE's steps (VAR: its scales)."""
+        return options.steps
 
     # --- facts --------------------------------------------------------------------------------
 
@@ -594,12 +616,17 @@ class SundaePipeline:
     def _encode_all(self, images: list[ImageInput]) -> tuple[Tensor, Tensor]:
         """Images of one size -> pixels (N, C, H, W) and tokens (N, h, w), each encoded on its own
         (so that a result never depends on the batch it came in)."""
-        encoded = [self.encode(image) for image in images]
-        sizes = sorted({tuple(pixels.shape[-2:]) for pixels, _ in encoded})
+        pixels = self._read_all(images)
+        return pixels, torch.cat([self.encode(one[None])[1] for one in pixels])
+
+    def _read_all(self, images: list[ImageInput]) -> Tensor:
+        """Images of one size -> pixels (N, C, H, W) in [-1, 1]."""
+        pixels = [image_to_tensor(image, self.channels) for image in images]
+        sizes = sorted({tuple(one.shape[-2:]) for one in pixels})
         if len(sizes) > 1:
             listed = ", ".join(f"{width}x{height}" for height, width in sizes)
             raise InputError(f"the images of one call must have one size, got {listed}; make a call per size")
-        return torch.cat([pixels for pixels, _ in encoded]), torch.cat([tokens for _, tokens in encoded])
+        return torch.cat(pixels)
 
     def _prepare_masks(self, image: ImageInputs, mask: ImageInputs,
                        rule: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -676,6 +703,14 @@ class SundaePipeline:
                           generator=generator, output_type=output_type, callback=callback,
                           return_trajectory=return_trajectory, options=options, overrides=overrides)
 
+    def _canvas_tokens(self, canvas: Tensor, pixels: Tensor, token_mask: Tensor, row: int, column: int) -> Tensor:
+        """The tokens an outpainting starts from: the known region keeps the tokens of the original
+        images ``pixels`` (not of the padded canvas), at (``row``, ``column``) of the canvas's token grid."""
+        _, known_tokens = self._encode_all(list(pixels[:, None]))
+        tokens = torch.zeros(len(known_tokens), *token_mask.shape, dtype=torch.long)
+        tokens[:, row:row + known_tokens.shape[1], column:column + known_tokens.shape[2]] = known_tokens
+        return tokens
+
     def outpaint(self, image: ImageInputs, *, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
                  num_images: int | None = None, class_labels: ClassLabels = None, seed: int | None = None,
                  seeds: Seeds | None = None, generator: torch.Generator | None = None, output_type: str = "pil",
@@ -692,15 +727,12 @@ class SundaePipeline:
                                  f"f={self.factor}")
         if left == top == right == bottom == 0:
             raise InputError("outpainting needs at least one of left/top/right/bottom > 0")
-        pixels, known_tokens = self._encode_all(as_batch(image))
+        pixels = self._read_all(as_batch(image))
         canvas = F.pad(pixels, (left, right, top, bottom), value=0.0)
         pixel_mask = torch.ones(canvas.shape[-2:], dtype=torch.bool)
         pixel_mask[top:top + pixels.shape[-2], left:left + pixels.shape[-1]] = False
         token_mask = token_mask_from_pixels(pixel_mask, self.factor, "any")
-        # the known region keeps the tokens of the original image, not of the padded canvas
-        tokens = torch.zeros(len(known_tokens), *token_mask.shape, dtype=torch.long)
-        row, column = top // self.factor, left // self.factor
-        tokens[:, row:row + known_tokens.shape[1], column:column + known_tokens.shape[2]] = known_tokens
+        tokens = self._canvas_tokens(canvas, pixels, token_mask, top // self.factor, left // self.factor)
         return self._edit(canvas, tokens, repeat_to(pixel_mask[None], len(tokens)),
                           repeat_to(token_mask[None], len(tokens)), strength=1.0, paste_back=True,
                           num_images=num_images, class_labels=class_labels, seed=seed, seeds=seeds,

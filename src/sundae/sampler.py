@@ -181,15 +181,21 @@ def categorical_from_uniform(logits: Tensor, uniform: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
+def guide(both: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance of logits computed for a batch and its null-class copy, stacked:
+    uncond + g·(cond − uncond) in float32."""
+    conditional, unconditional = both.float().chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
 def _guided_logits(model: nn.Module, tokens: Tensor, labels: Tensor | None, null_class: int | None,
                    guidance_scale: float) -> Tensor:
     if labels is None or guidance_scale == 1.0:
         return model(tokens, labels).float()
     if guidance_scale == 0.0:
         return model(tokens, torch.full_like(labels, null_class)).float()
-    both = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, null_class)])).float()
-    conditional, unconditional = both.chunk(2)
-    return unconditional + guidance_scale * (conditional - unconditional)
+    both = model(torch.cat([tokens, tokens]), torch.cat([labels, torch.full_like(labels, null_class)]))
+    return guide(both, guidance_scale)
 
 
 def denoising_step(model: nn.Module, tokens: Tensor, labels: Tensor | None, keys: Tensor, hashes: Tensor,

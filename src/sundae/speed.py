@@ -10,19 +10,29 @@ loop; on CPU ``time.perf_counter`` is used.
 
 The full analysis (FLOPs of a step against the device's measured matmul rate, eager operator
 counts, CPU peak memory, result files) is the speed harness in the repository's
-``benchmarks/speed.py``, built on the pieces here.
+``benchmarks/speed.py``, built on the pieces here; the training-step benchmark is
+:mod:`sundae.training.benchmark`. The measuring pieces both share live here: the timers (a whole
+region, and the network forwards inside it, :class:`ForwardTimer`), the peak matmul rate
+(:func:`peak_matmul_rate`), peak memory (:func:`track_peak_memory`) and the device facts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
+import re
+import resource
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from sundae.config import HOURGLASS_PRESETS, VQGAN_PRESETS, HourglassConfig, VQGANConfig
 from sundae.config import preset as named_preset
@@ -43,6 +53,10 @@ PRESET_TOKENIZERS: dict[str, str] = {
 }
 COMPACTION_INTERVAL = 10  # with early stopping: one host sync per 10 steps instead of every step
 WARMUP_STEPS = 3  # warm-up runs only trigger compilation, CUDA-graph capture and allocator growth
+MATMUL_PEAK_REPEATS = 3  # timings per shape in one peak measurement (each at least 50 ms of matmuls)
+MATMUL_PEAK_MAX_ROWS = 8192  # the larger peak shapes stop growing here (a bigger product is no faster)
+# how the CPU's OpenMP threads wait: on a shared machine spin-waiting collapses small parallel ops
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +82,240 @@ def time_call(function: Callable[[], T], device: torch.device) -> tuple[T, float
 
 def median_seconds(function: Callable[[], Any], device: torch.device, *, repeats: int) -> float:
     return statistics.median(time_call(function, device)[1] for _ in range(repeats))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class ForwardTimer:
+    """The seconds spent inside ``module``'s forward calls while the timer is entered: the network's
+    share of a timed sampling run, measured in that same run (so it can never exceed the run's time).
+
+    Forward hooks read ``time.perf_counter`` on the CPU; on CUDA they record an event pair on the
+    stream (no sync inside the loop), and :attr:`seconds` syncs once when read. A compiled step runs
+    the forward inside one graph, where no hook can fire: time eager runs only.
+    """
+
+    module: nn.Module
+    device: torch.device
+    host_seconds: float = 0.0
+    events: list[tuple[Any, Any]] = field(default_factory=list)
+    calls: int = 0
+    _started: float = 0.0
+    _handles: list[Any] = field(default_factory=list)
+
+    def __enter__(self) -> ForwardTimer:
+        self._handles = [self.module.register_forward_pre_hook(self._start),
+                         self.module.register_forward_hook(self._stop)]
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _start(self, module: nn.Module, arguments: tuple) -> None:
+        if self.device.type == "cuda":
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        else:
+            self._started = time.perf_counter()
+
+    def _stop(self, module: nn.Module, arguments: tuple, output: Any) -> None:
+        self.calls += 1
+        if self.device.type == "cuda":
+            self.events[-1][1].record()
+        else:
+            self.host_seconds += time.perf_counter() - self._started
+
+    @property
+    def seconds(self) -> float:
+        if not self.events:
+            return self.host_seconds
+        self.events[-1][1].synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
+
+
+# --- FLOPs and the matmul rate ------------------------------------------------------------
+
+
+MATMUL_REPEATS = 10
+MATMUL_MIN_SECONDS = 0.05  # per timed matmul measurement
+
+
+def attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any,
+                    out_shape: Any = None, **kwargs: Any) -> int:
+    """Scores ``q @ kᵀ`` plus the weighted sum ``p @ v`` of an attention call, 2 FLOPs per multiply-add."""
+    *batch, queries, width = query_shape
+    keys = key_shape[-2]
+    return 2 * math.prod(batch) * queries * keys * (width + value_shape[-1])
+
+
+def attention_backward_flops(grad_shape: torch.Size, query_shape: torch.Size, key_shape: torch.Size,
+                             value_shape: torch.Size, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """The gradients of ``q``, ``k`` and ``v``: twice the forward's two products, as torch counts the
+    CUDA kernels' backward."""
+    return 2 * attention_flops(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU ones, which it would count as 0
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,
+                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops}
+
+
+def count_flops(function: Callable[[], Any]) -> int:
+    """FLOPs of the matmuls, convolutions and attention, forward and backward, that ``function`` runs
+    (one real call)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+    with counter:
+        function()
+    return counter.get_total_flops()
+
+
+def measure_matmul_rate(rows: int, dim: int, *, dtype: torch.dtype, device: torch.device,
+                        repeats: int = MATMUL_REPEATS) -> float:
+    """Dense matmul FLOP/s of ``(rows, dim) @ (dim, 4·dim)`` in ``dtype``: median of ``repeats`` timings
+    of at least ``MATMUL_MIN_SECONDS`` each, after warm-up.
+
+    The shape of a transformer's feed-forward layer: the rate a step could reach if it did nothing
+    but its largest matmuls.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    left = torch.randn(rows, dim, generator=generator, device=device, dtype=dtype)
+    right = torch.randn(dim, 4 * dim, generator=generator, device=device, dtype=dtype)
+
+    def multiply(times: int) -> None:
+        for _ in range(times):
+            torch.mm(left, right)
+
+    with torch.inference_mode():
+        # a small product takes microseconds: time enough of them in a row for the timer and clocks
+        _, once = time_call(lambda: multiply(2), device)
+        times = max(1, math.ceil(MATMUL_MIN_SECONDS / max(once / 2, 1e-9)))
+        seconds = median_seconds(lambda: multiply(times), device, repeats=repeats) / times
+    return 2 * rows * dim * 4 * dim / seconds
+
+
+def matmul_shapes(rows: int, dim: int) -> list[tuple[int, int]]:
+    """``(rows, dim)`` pairs of the peak measurement (:func:`peak_matmul_rate`): the model's own
+    feed-forward shape, and 4x the rows and 2x the width (rows at most ``MATMUL_PEAK_MAX_ROWS``).
+
+    A small model's own shape under-uses the device, and a "peak" measured at one shape is beaten
+    by the step's larger matmuls: a fraction of it can then exceed 1.
+    """
+    return sorted({(min(max_rows, MATMUL_PEAK_MAX_ROWS), width)
+                   for max_rows in (rows, 4 * rows) for width in (dim, 2 * dim)})
+
+
+def peak_matmul_rate(shapes: list[tuple[int, int]], *, dtype: torch.dtype, device: torch.device) -> float:
+    """The best dense-matmul FLOP/s over ``shapes`` (each ``(rows, dim) @ (dim, 4·dim)`` in ``dtype``,
+    the median of ``MATMUL_PEAK_REPEATS`` timings): one measurement of the device's peak.
+
+    Callers measure it around each timed run and keep the best, so that a step is compared with the
+    fastest the device was seen to multiply, not with one noisy reading.
+    """
+    return max(measure_matmul_rate(rows, dim, dtype=dtype, device=device, repeats=MATMUL_PEAK_REPEATS)
+               for rows, dim in shapes)
+
+
+def minimum_and_median(values: list[float]) -> dict[str, float]:
+    """``{"min": ..., "median": ...}`` of the timings of the repeats: the best the device did, and the typical."""
+    return {"min": min(values), "median": statistics.median(values)}
+
+
+# --- memory and device facts -----------------------------------------------------------------
+
+
+def _resident_bytes(field_name: str) -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field_name}:\s+(\d+) kB", status, flags=re.MULTILINE)
+    return None if match is None else int(match.group(1)) * 1024
+
+
+def _reset_resident_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class MemoryPeak:
+    """Peak memory of a region: see :func:`track_peak_memory` for what is measured on each device."""
+
+    peak_bytes: int | None = None
+    increase_bytes: int | None = None
+    reserved_bytes: int | None = None
+    method: str = ""
+
+
+@contextlib.contextmanager
+def track_peak_memory(device: torch.device) -> Iterator[MemoryPeak]:
+    """Peak memory of the region inside the ``with``, filled in when it ends.
+
+    CUDA: ``max_memory_allocated`` (and ``max_memory_reserved``), weights included. CPU: the
+    process's peak resident set size (``VmHWM``), reset at the start through
+    ``/proc/self/clear_refs`` (Linux >= 4.0); where that file is not writable, the growth of
+    ``resource.getrusage``'s lifetime peak, which only shows growth beyond earlier peaks. The
+    increase over the start of the region is the region's own working memory.
+    """
+    peak = MemoryPeak()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()  # so that the reserved peak is this region's, not earlier regions' leftovers
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield peak
+        synchronize(device)
+        peak.peak_bytes = torch.cuda.max_memory_allocated(device)
+        peak.reserved_bytes = torch.cuda.max_memory_reserved(device)
+        peak.increase_bytes = peak.peak_bytes - start
+        peak.method = "torch.cuda.max_memory_allocated (weights included)"
+        return
+    start = _resident_bytes("VmRSS")
+    if _reset_resident_peak() and start is not None:
+        yield peak
+        peak.peak_bytes = _resident_bytes("VmHWM")
+        peak.method = "peak resident set size (VmHWM after resetting it via /proc/self/clear_refs)"
+    else:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        yield peak
+        peak.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak.method = "growth of the lifetime peak resident set size (getrusage ru_maxrss)"
+    peak.increase_bytes = None if peak.peak_bytes is None else max(0, peak.peak_bytes - start)
+
+
+def device_facts(device: torch.device) -> dict[str, Any]:
+    """Name, kind and parallelism of the device a benchmark runs on."""
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "memory_bytes": properties.total_memory,
+                "multiprocessors": properties.multi_processor_count, "cuda_version": torch.version.cuda}
+    return {"type": device.type, "name": _cpu_model(), "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "environment": {name: os.environ.get(name) for name in THREAD_VARIABLES}}
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    match = re.search(r"^model name\s*:\s*(.+)$", text, flags=re.MULTILINE)
+    return match.group(1).strip() if match else "unknown CPU"
+
+
+def load_average() -> list[float] | None:
+    """1-, 5- and 15-minute load averages: how busy a shared machine was while measuring."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def time_forward(config: HourglassConfig, repeats: int = 3) -> float:
@@ -310,7 +558,8 @@ def summarize_times(result: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "BenchmarkError", "BenchmarkModels", "PRESET_TOKENIZERS", "benchmark_models", "benchmark_sampling_options",
-    "build_prior", "build_tokenizer", "compile_mode_for", "decoding_run", "median_seconds", "sampling_run",
-    "summarize_times", "time_call", "time_forward", "time_sampling",
+    "BenchmarkError", "BenchmarkModels", "ForwardTimer", "MemoryPeak", "PRESET_TOKENIZERS", "benchmark_models",
+    "benchmark_sampling_options", "build_prior", "build_tokenizer", "compile_mode_for", "decoding_run", "device_facts",
+    "load_average", "matmul_shapes", "median_seconds", "minimum_and_median", "peak_matmul_rate", "sampling_run",
+    "summarize_times", "synchronize", "time_call", "time_forward", "time_sampling", "track_peak_memory",
 ]

@@ -70,6 +70,7 @@ class TokenizerConfig(Protocol):
     downsample_factor: int
     codebook_size: int
     in_channels: int
+    # optional: token_shape(height, width) -> the shape of one image's tokens (default: the latent grid)
 
 
 class Tokenizer(Protocol):
@@ -308,6 +309,8 @@ def _new_manifest(
         raise DatasetError(
             f"resolution {height}x{width} is not a multiple of the tokenizer's downsample factor {factor}"
         )
+    token_shape = getattr(tokenizer.config, "token_shape", None)  # a multi-scale tokenizer packs its scales
+    grid_shape = token_shape(height, width) if token_shape is not None else (height // factor, width // factor)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -316,7 +319,7 @@ def _new_manifest(
         "folder": str(folder.root.resolve()),
         "resolution": [height, width],
         "downsample_factor": factor,
-        "grid_shape": [height // factor, width // factor],
+        "grid_shape": list(grid_shape),
         "codebook_size": codebook_size,
         "dtype": token_dtype(codebook_size).name,
         "class_names": list(folder.classes),

@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from sundae.checkpoint import PretrainedMixin
-from sundae.config import Depth, HourglassConfig, depth_layers, depth_levels
+from sundae.config import Depth, HourglassConfig, NextScaleConfig, depth_layers, depth_levels
 from sundae.denoiser.rotary import Rotation, apply_rotary
 from sundae.errors import InputError
 
@@ -171,6 +171,22 @@ class Context(NamedTuple):
     mask: Tensor | None  # (..., M), True where a key may be attended to; None: every key
 
 
+class KeyValueCache:
+    """One layer's rotated keys and values of the positions decoded so far (VAR's blockwise decoding,
+    :mod:`sundae.var`): each call appends the new positions' keys and values and attends to all."""
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def extend(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Append (..., heads, n, e) keys and values; return every cached one."""
+        if self.keys is not None and self.values is not None:
+            keys, values = torch.cat((self.keys, keys), dim=-2), torch.cat((self.values, values), dim=-2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+
 class Attention(nn.Module):
     """Non-causal multi-head attention with rotary queries and keys, via ``scaled_dot_product_attention``.
 
@@ -187,9 +203,12 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(heads * head_dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, rotation: Rotation, context: Context | None = None) -> Tensor:
+    def forward(self, x: Tensor, rotation: Rotation, context: Context | None = None, *, mask: Tensor | None = None,
+                cache: KeyValueCache | None = None) -> Tensor:
         """Queries from ``x`` (..., L, dim) rotated by ``rotation`` (..., L, head_dim, broadcast over the
-        batch); keys and values from ``context``, or from ``x`` itself when it is None."""
+        batch); keys and values from ``context``, or from ``x`` itself when it is None. ``mask`` (L, M)
+        bool, True where a query may attend to a key (e.g. VAR's block-causal mask); ``cache`` adds
+        these keys and values to those of earlier calls, which the queries also attend to."""
         if context is None:
             context = Context(x, rotation, None)
         query = rearrange(self.to_query(x), "... n (heads e) -> ... heads n e", heads=self.heads)
@@ -198,10 +217,12 @@ class Attention(nn.Module):
         )
         query = apply_rotary(query, rotation.per_head())  # same rotation for every head
         key = apply_rotary(key, context.rotation.per_head())
+        if cache is not None:
+            key, value = cache.extend(key, value)
         batch_shape = query.shape[:-3]
-        mask = None
         if context.mask is not None:
-            mask = context.mask[..., None, None, :].expand(*batch_shape, 1, 1, -1).flatten(0, -4)
+            key_mask = context.mask[..., None, None, :].expand(*batch_shape, 1, 1, -1).flatten(0, -4)
+            mask = key_mask if mask is None else key_mask & mask
         attended = F.scaled_dot_product_attention(
             query.flatten(0, -4), key.flatten(0, -4), value.flatten(0, -4), attn_mask=mask
         ).unflatten(0, batch_shape)
@@ -209,9 +230,9 @@ class Attention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm residual block: LayerNorm -> attention, LayerNorm -> GELU feed-forward."""
+    """Pre-norm residual block: LayerNorm -> attention, LayerNorm -> GELU feed-forward (also VAR's layer)."""
 
-    def __init__(self, config: HourglassConfig) -> None:
+    def __init__(self, config: HourglassConfig | NextScaleConfig) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.dim)
         self.attention = Attention(
@@ -225,11 +246,13 @@ class TransformerLayer(nn.Module):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, x: Tensor, rotation: Rotation, context: Context | None = None) -> Tensor:
-        """``x`` (..., L, dim) attends to itself, or to ``context`` (normalised by the same LayerNorm)."""
+    def forward(self, x: Tensor, rotation: Rotation, context: Context | None = None, *, mask: Tensor | None = None,
+                cache: KeyValueCache | None = None) -> Tensor:
+        """``x`` (..., L, dim) attends to itself, or to ``context`` (normalised by the same LayerNorm);
+        ``mask`` and ``cache`` as in :meth:`Attention.forward`."""
         if context is not None:
             context = context._replace(tokens=self.attention_norm(context.tokens))
-        x = x + self.attention(self.attention_norm(x), rotation, context)
+        x = x + self.attention(self.attention_norm(x), rotation, context, mask=mask, cache=cache)
         return x + self.feed_forward(self.feed_forward_norm(x))
 
 

@@ -384,14 +384,16 @@ def evaluate_tokens(tokens: Tensor, tokenizer: nn.Module, *, real_images: ImageS
 # --- sweeps ------------------------------------------------------------------------------------
 
 
-def sweep_field(parameter: str) -> str:
-    """The :class:`SamplingOptions` field a sweep parameter sets.
+def sweep_field(parameter: str, options_class: type = SamplingOptions) -> str:
+    """The field of ``options_class`` (SUNDAE's :class:`SamplingOptions`, or VAR's options) a sweep
+    parameter sets.
 
-    "temperature" sets ``end_temperature``, the low end of the annealing (§3.4) that Fig. 13
-    varies; any other field name is used as given.
+    For SUNDAE "temperature" sets ``end_temperature``, the low end of the annealing (§3.4) that Fig. 13
+    varies; any other field name is used as given (VAR has one temperature).
     """
+    known = {option.name for option in fields(options_class)}
     field = SWEEP_FIELDS.get(parameter, parameter)
-    known = {option.name for option in fields(SamplingOptions)}
+    field = field if field in known else parameter
     if field not in known:
         raise InputError(f"cannot sweep {parameter!r}: use one of {', '.join(SWEEP_FIELDS)} or a sampling option "
                          f"({', '.join(sorted(known))})")
@@ -410,7 +412,7 @@ def sweep(pipeline: SundaePipeline, real_images: ImageSource | ReferenceFeatures
     ``torchrun`` group, as :func:`evaluate` does). ``evaluate_options`` go to :func:`evaluate`
     (nearest_k, progress, model_id, class_balanced, fid_infinity).
     """
-    field = sweep_field(parameter)
+    field = sweep_field(parameter, pipeline.options_class)
     if not values:
         raise InputError("give at least one value to sweep")
     check_extractor_fits(extractor, pipeline)

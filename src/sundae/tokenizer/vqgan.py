@@ -390,13 +390,14 @@ class VQGAN(nn.Module, PretrainedMixin):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
-        self.quantize: VectorQuantizer | GumbelQuantizer
+        self.quantize = self.build_quantizer(config)
+
+    @staticmethod
+    def build_quantizer(config: VQGANConfig) -> nn.Module:
+        """The quantizer of ``config`` (a subclass may build another kind, e.g. VAR's multi-scale one)."""
         if config.quantizer == "gumbel":
-            self.quantize = GumbelQuantizer(config.z_channels, config.codebook_size, config.embed_dim)
-        else:
-            self.quantize = VectorQuantizer(
-                config.codebook_size, config.embed_dim, beta=config.beta, legacy=config.quantizer_legacy
-            )
+            return GumbelQuantizer(config.z_channels, config.codebook_size, config.embed_dim)
+        return VectorQuantizer(config.codebook_size, config.embed_dim, beta=config.beta, legacy=config.quantizer_legacy)
 
     @property
     def last_layer(self) -> Tensor:

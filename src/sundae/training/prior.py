@@ -1,6 +1,8 @@
-"""Training loop of the SUNDAE prior (paper §3.3, Table 3): orchestration only.
+"""Training loop of the SUNDAE prior (paper §3.3, Table 3), and of VAR's next-scale prior on the same
+machinery (``family="var"``, :mod:`sundae.var.training`): orchestration only.
 
-The step math lives in :func:`sundae.sundae.sundae_loss`; this module reads a token dataset
+The step math lives in :func:`sundae.sundae.sundae_loss` (VAR's in :func:`sundae.var.next_scale_loss`);
+this module reads a token dataset
 (latents from ``sundae encode`` or grey pixels as tokens, §4.2), builds the hourglass from its
 config, and runs AdamW with warm-up and decay, gradient accumulation and clipping, optional EMA,
 bf16 autocast on CUDA, DDP under ``torchrun``, validation, sample grids, metrics and atomic,
@@ -29,11 +31,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sundae.checkpoint import CheckpointError, load_weights, read_json
-from sundae.config import ConfigError, HourglassConfig, SamplingOptions
+from sundae.config import ConfigBase, ConfigError, HourglassConfig, KnobOptions, SamplingOptions
 from sundae.data.images import DatasetError
 from sundae.denoiser import Hourglass
 from sundae.distributed import DistributedContext, mean_across_ranks, run_distributed
-from sundae.pipeline import PRIOR_SUBDIR, write_model_directory
+from sundae.pipeline import PIPELINE_KIND, PRIOR_SUBDIR, write_model_directory
 from sundae.runtime import autocast, resolve_training_precision
 from sundae.sundae import sundae_loss
 from sundae.training.common import (
@@ -70,14 +72,20 @@ class PriorTrainingConfig(TrainingLoopConfig):
     sample_every: int = 1000
     sample_steps: int = 50
     compile: bool = False
+    family: str = "sundae"  # "sundae" (the hourglass denoiser) or "var" (sundae.var's next-scale transformer)
 
     def validate(self) -> None:
+        if self.family not in PRIOR_FAMILIES:
+            raise ConfigError(f"family must be one of {', '.join(PRIOR_FAMILIES)}, got {self.family!r}")
         check_loop_settings(self, ("steps", "batch_size", "gradient_accumulation", "log_every", "eval_every",
                                    "sample_every", "checkpoint_every", "eval_batches", "sample_steps"))
         if self.unroll_steps < 1:
             raise ConfigError(f"unroll_steps must be >= 1 (the paper uses 2 or 3), got {self.unroll_steps}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+
+
+PRIOR_FAMILIES = ("sundae", "var")
 
 
 class SundaeObjective(nn.Module):
@@ -105,14 +113,49 @@ def open_token_dataset(path: str | Path, split: str):
     return LatentDataset(path, split=split)
 
 
-def model_config_for(dataset, config: PriorTrainingConfig) -> HourglassConfig:
-    """The hourglass config: the user's fields plus the vocabulary, grid and classes of the data."""
-    fields = dict(config.model)
-    fields["codebook_size"] = dataset.codebook_size
-    fields["latent_shape"] = tuple(dataset.grid_shape)
+def data_classes(dataset, config: PriorTrainingConfig) -> int | None:
+    """The number of classes a prior of ``dataset`` is conditioned on (None: unconditional)."""
     conditional = config.class_conditional and dataset.num_classes is not None and dataset.num_classes > 1
-    fields["num_classes"] = dataset.num_classes if conditional else None
-    return HourglassConfig.from_dict(fields)
+    return dataset.num_classes if conditional else None
+
+
+class SundaeFamily:
+    """What the prior loop needs of a paradigm, for SUNDAE's hourglass denoiser (the other one is VAR's,
+    :class:`sundae.var.training.NextScaleFamily`): the network and its config, the objective, a sample of
+    tokens for the grids, the scheduler and kind of the exported model directory."""
+
+    name = "sundae"  # PriorTrainingConfig.family
+    kind = PIPELINE_KIND
+    model_class: type[nn.Module] = Hourglass
+    config_class: type[ConfigBase] = HourglassConfig
+
+    def __init__(self, config: PriorTrainingConfig, dataset, device: torch.device) -> None:
+        self.config, self.dataset, self.device = config, dataset, device
+
+    def model_config(self) -> HourglassConfig:
+        """The hourglass config: the user's fields plus the vocabulary, grid and classes of the data."""
+        fields = {**self.config.model, "codebook_size": self.dataset.codebook_size,
+                  "latent_shape": tuple(self.dataset.grid_shape), "num_classes": data_classes(self.dataset, self.config)}
+        return HourglassConfig.from_dict(fields)
+
+    def objective(self, model: nn.Module) -> nn.Module:
+        """``objective(tokens, labels, generator) -> (loss, metrics)`` of ``model``."""
+        return SundaeObjective(model, self.config.unroll_steps)
+
+    def sample(self, model: nn.Module, labels: Tensor | None, seeds: Tensor) -> Tensor:
+        from sundae.sampler import sample
+
+        return sample(model, options=SamplingOptions(steps=self.config.sample_steps), num_samples=len(seeds),
+                      grid_shape=model.config.latent_shape, class_labels=labels, seeds=seeds).tokens
+
+    def scheduler(self) -> KnobOptions:
+        return SamplingOptions()
+
+    def positions(self, model_config: Any) -> int:
+        """Token positions per sample (for the throughput's matmul rows)."""
+        return math.prod(model_config.latent_shape)
+
+
 
 
 def data_identity(dataset) -> dict[str, Any]:
@@ -158,9 +201,11 @@ def _batch(dataset, indices: list[int], device: torch.device, use_labels: bool) 
 
 
 @torch.no_grad()
-def validation_loss(model: Hourglass, dataset, config: PriorTrainingConfig, context: DistributedContext,
-                    compute_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Mean SUNDAE loss over a fixed, seeded set of validation batches (same batches every time)."""
+def validation_loss(model: nn.Module, dataset, config: PriorTrainingConfig, context: DistributedContext,
+                    compute_dtype: torch.dtype = torch.float32, family: SundaeFamily | None = None) -> dict[str, Tensor]:
+    """Mean loss (SUNDAE's, or the ``family``'s) over a fixed, seeded set of validation batches (same
+    batches every time)."""
+    objective = (family or SundaeFamily(config, dataset, context.device)).objective(model)
     model.eval()
     totals: dict[str, Tensor] = {}
     use_labels = model.config.num_classes is not None
@@ -170,8 +215,7 @@ def validation_loss(model: Hourglass, dataset, config: PriorTrainingConfig, cont
         tokens, labels = _batch(dataset, indices, context.device, use_labels)
         generator = step_generator(config.seed, batch, context.rank, stream=11, device=context.device)
         with autocast(context.device, compute_dtype):
-            loss, metrics = sundae_loss(model, tokens, unroll_steps=config.unroll_steps, class_labels=labels,
-                                        generator=generator)
+            loss, metrics = objective(tokens, labels, generator)
         for name, value in {"loss": loss, **metrics}.items():
             totals[name] = totals.get(name, 0.0) + value.float() / config.eval_batches
     model.train()
@@ -189,15 +233,16 @@ class PriorCheckpointer(Checkpointer):
 
     export_name = "model"
 
-    def __init__(self, output_dir: Path, config: PriorTrainingConfig, dataset) -> None:
+    def __init__(self, output_dir: Path, config: PriorTrainingConfig, dataset, family: SundaeFamily) -> None:
         super().__init__(output_dir, config)
         self.identity = data_identity(dataset)
         self.tokenizer_dir = _tokenizer_directory(dataset)
+        self.family = family
 
     def extra(self, step: int) -> dict[str, Any]:
         return {"data": self.identity, "training": self.config.to_dict(), "step": step}
 
-    def save(self, step: int, model: Hourglass, optimizer: torch.optim.Optimizer,
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              ema: ExponentialMovingAverage | None) -> None:
         staging = staging_directory(self.checkpoint_dir)
         model.save_pretrained(staging, extra=self.extra(step))
@@ -206,23 +251,23 @@ class PriorCheckpointer(Checkpointer):
         replace_directory_atomically(staging, self.checkpoint_dir)
         self.export(step, model, ema)
 
-    def export(self, step: int, model: Hourglass, ema: ExponentialMovingAverage | None) -> None:
+    def export(self, step: int, model: nn.Module, ema: ExponentialMovingAverage | None) -> None:
         """The usable model directory: the prior (EMA weights when kept), a copy of its tokenizer's files,
         and the library's sampling defaults as its scheduler (staged and swapped in whole)."""
         exported = model
         if ema is not None:
-            exported = Hourglass(model.config)
+            exported = self.family.model_class(model.config)
             ema.copy_to(exported)
         write_model_directory(self.export_dir, prior=exported, tokenizer=self.tokenizer_dir,
-                              scheduler=SamplingOptions(), prior_extra=self.extra(step))
+                              scheduler=self.family.scheduler(), prior_extra=self.extra(step), kind=self.family.kind)
 
-    def ensure_export(self, step: int, model: Hourglass, ema: ExponentialMovingAverage | None) -> None:
+    def ensure_export(self, step: int, model: nn.Module, ema: ExponentialMovingAverage | None) -> None:
         """Re-export when the export is missing or older than the checkpoint (a kill during its swap)."""
         if exported_step(self.export_dir / PRIOR_SUBDIR) != step:
             log.info("exporting the prior of step %d to %s (it was missing or stale)", step, self.export_dir)
             self.export(step, model, ema)
 
-    def restore(self, model: Hourglass, optimizer: torch.optim.Optimizer,
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                 ema: ExponentialMovingAverage | None) -> int:
         """Load the latest checkpoint if there is one; return the step to continue from (0 if none)."""
         recover_interrupted_checkpoint(self.checkpoint_dir)
@@ -234,12 +279,14 @@ class PriorCheckpointer(Checkpointer):
             raise CheckpointError(f"{self.checkpoint_dir / 'config.json'} is not a prior checkpoint's config (it needs "
                                   "\"config\" and \"data\" objects); use a new --output-dir")
         check_same_data(saved["data"], self.identity, self.checkpoint_dir)
-        if HourglassConfig.from_dict(saved["config"]) != model.config:
+        if self.family.config_class.from_dict(saved["config"]) != model.config:
             raise CheckpointError(
                 f"{self.checkpoint_dir} holds a model of another configuration than the one requested; "
                 "use a new --output-dir or the same model options"
             )
-        check_same_settings(saved.get("training", {}), self.config.to_dict(), ignored=RESUMABLE_CHANGES,
+        # runs from before the VAR family were SUNDAE runs
+        check_same_settings({"family": "sundae", **saved.get("training", {})}, self.config.to_dict(),
+                            ignored=RESUMABLE_CHANGES,
                             where=self.checkpoint_dir, allowed=self.config.allow_changed_settings)
         load_weights(model, self.checkpoint_dir / "model.safetensors")
         state = read_training_state(self.checkpoint_dir)
@@ -260,32 +307,32 @@ def _tokenizer_directory(dataset) -> Path | None:
     return path if (path / "model.safetensors").is_file() else None
 
 
-def save_sample_grid(model: Hourglass, dataset, config: PriorTrainingConfig, step: int, device: torch.device, *,
-                     name: str) -> Path:
+def save_sample_grid(model: nn.Module, dataset, config: PriorTrainingConfig, step: int, device: torch.device, *,
+                     name: str, family: SundaeFamily) -> Path:
     """Class-conditional grid of ``model`` (raw or EMA weights) at ``OUT/samples/step_XXXXXXX_<name>.png``."""
     from sundae.pipeline import decode_tokens_to_images, load_decoder_for
-    from sundae.sampler import sample
     from sundae.data.images import save_image_grid
 
     num_classes = model.config.num_classes
     count = 4 * num_classes if num_classes is not None and num_classes <= 16 else 16
     labels = None if num_classes is None else torch.arange(count, device=device) % num_classes
     model.eval()
-    output = sample(model, options=SamplingOptions(steps=config.sample_steps), num_samples=count,
-                    grid_shape=model.config.latent_shape, class_labels=labels,
-                    seeds=torch.arange(count) + 1000 * config.seed)
+    tokens = family.sample(model, labels, torch.arange(count) + 1000 * config.seed)
     model.train()
     decoder = load_decoder_for(dataset, device)
-    images = decode_tokens_to_images(output.tokens, decoder)
+    images = decode_tokens_to_images(tokens, decoder)
     path = Path(config.output_dir) / "samples" / f"step_{step:07d}_{name}.png"
     save_image_grid(images, path, nrow=num_classes if num_classes is not None and num_classes <= 16 else None)
     return path
 
 
-def train_prior(config: PriorTrainingConfig) -> TrainingResult:
-    """Train (or resume) a SUNDAE prior; returns the exported model directory."""
-    return run_distributed(lambda context: run_locked(Path(config.output_dir), context, lambda: _train(config, context)),
-                           config.device)
+def train_prior(config: PriorTrainingConfig, family: type[SundaeFamily] = SundaeFamily) -> TrainingResult:
+    """Train (or resume) a prior of ``family`` (SUNDAE's; VAR's is :func:`sundae.var.training.train_var`);
+    returns the exported model directory."""
+    if config.family != family.name:
+        raise ConfigError(f"the training config says family {config.family!r} but the loop was given {family.name!r}")
+    return run_distributed(lambda context: run_locked(Path(config.output_dir), context,
+                                                      lambda: _train(config, context, family)), config.device)
 
 
 def _open_splits(config: PriorTrainingConfig) -> tuple[Any, Any]:
@@ -299,7 +346,7 @@ def _open_splits(config: PriorTrainingConfig) -> tuple[Any, Any]:
     return dataset, validation
 
 
-def _log_run(model: Hourglass, config: PriorTrainingConfig, dataset, validation, context: DistributedContext,
+def _log_run(model: nn.Module, config: PriorTrainingConfig, dataset, validation, context: DistributedContext,
              compute_dtype: torch.dtype, ema: ExponentialMovingAverage | None) -> None:
     model_config = model.config
     log.info("prior: %s parameters, %s, data %s (%d train / %d validation, grid %s, v=%d, classes=%s)",
@@ -334,43 +381,44 @@ def accumulate_gradients(objective: nn.Module, dataset, step: int, *, config: Pr
         running.add({"loss": loss.detach(), **metrics})
 
 
-def _evaluate_and_sample(done: int, model: Hourglass, ema: ExponentialMovingAverage | None, dataset, validation,
+def _evaluate_and_sample(done: int, model: nn.Module, ema: ExponentialMovingAverage | None, dataset, validation,
                          config: PriorTrainingConfig, context: DistributedContext, compute_dtype: torch.dtype,
-                         metrics_logger: MetricsLogger) -> None:
+                         metrics_logger: MetricsLogger, family: SundaeFamily) -> None:
     """Validation loss and sample grids when due, of the raw weights and of the EMA ones (what ships)."""
     evaluating = is_due(done, config.eval_every, config.steps)
     sampling = context.is_main and is_due(done, config.sample_every, config.steps)
     # one copy of the EMA weights per step that needs it
-    ema_model = _ema_model(model, ema) if ema is not None and (evaluating or sampling) else None
+    ema_model = _ema_model(model, ema, family) if ema is not None and (evaluating or sampling) else None
     if evaluating:
-        metrics_logger.log(done, validation_loss(model, validation, config, context, compute_dtype),
+        metrics_logger.log(done, validation_loss(model, validation, config, context, compute_dtype, family),
                            prefix="validation/")
         if ema_model is not None:
-            metrics_logger.log(done, validation_loss(ema_model, validation, config, context, compute_dtype),
+            metrics_logger.log(done, validation_loss(ema_model, validation, config, context, compute_dtype, family),
                                prefix="validation_ema/")
     if sampling:
         for name, weights in (("raw", model), ("ema", ema_model)):
             if weights is not None:
-                path = save_sample_grid(weights, dataset, config, done, context.device, name=name)
+                path = save_sample_grid(weights, dataset, config, done, context.device, name=name, family=family)
                 log.info("samples at step %d (%s weights): %s", done, name, path)
 
 
-def _train(config: PriorTrainingConfig, context: DistributedContext) -> TrainingResult:
+def _train(config: PriorTrainingConfig, context: DistributedContext, family_class: type[SundaeFamily]) -> TrainingResult:
     output_dir = Path(config.output_dir)
     dataset, validation = _open_splits(config)
-    model_config = model_config_for(dataset, config)
+    family = family_class(config, dataset, context.device)
+    model_config = family.model_config()
     torch.manual_seed(config.seed)
-    model = Hourglass(model_config).to(context.device)
+    model = family.model_class(model_config).to(context.device)
     compute_dtype = resolve_training_precision(config.precision, context.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=config.betas, fused=context.device.type == "cuda")
     ema = ExponentialMovingAverage(model, config.ema_decay) if config.ema_decay is not None else None
-    checkpointer = PriorCheckpointer(output_dir, config, dataset)
+    checkpointer = PriorCheckpointer(output_dir, config, dataset, family)
     if context.is_main:
         remove_orphan_temporaries(output_dir)
     start_step = checkpointer.restore(model, optimizer, ema)
 
-    objective: nn.Module = SundaeObjective(model, config.unroll_steps)
+    objective: nn.Module = family.objective(model)
     if config.compile:
         objective = torch.compile(objective)
     if context.enabled:
@@ -382,7 +430,7 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
     end_step = config.steps if config.stop_after_steps is None else min(config.steps, start_step + config.stop_after_steps)
     bar = progress_bar(total=config.steps, initial=start_step, enabled=context.is_main, description="train prior")
     running = RunningMeans()
-    throughput = Throughput(context.device, compute_dtype, rows=config.batch_size * math.prod(model_config.latent_shape),
+    throughput = Throughput(context.device, compute_dtype, rows=config.batch_size * family.positions(model_config),
                             dim=model_config.dim, enabled=context.is_main)
     rate = StepRate(start_step, config.batch_size * config.gradient_accumulation * context.world_size)
     for step in range(start_step, end_step):
@@ -408,7 +456,8 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
             if values:
                 bar.set_postfix(loss=f"{values['train/loss']:.3f}",
                                 samples_per_s=f"{values['train/samples_per_second']:.0f}")
-        _evaluate_and_sample(done, model, ema, dataset, validation, config, context, compute_dtype, metrics_logger)
+        _evaluate_and_sample(done, model, ema, dataset, validation, config, context, compute_dtype, metrics_logger,
+                             family)
         checkpointer.save_when_due(done, context, model, optimizer, ema, every=config.checkpoint_every, last=end_step)
     bar.close()
     metrics_logger.close()
@@ -416,7 +465,7 @@ def _train(config: PriorTrainingConfig, context: DistributedContext) -> Training
     return TrainingResult(checkpointer.export_dir, step=end_step, total_steps=config.steps)
 
 
-def _ema_model(model: Hourglass, ema: ExponentialMovingAverage) -> Hourglass:
-    copy = Hourglass(model.config).to(next(model.parameters()).device)
+def _ema_model(model: nn.Module, ema: ExponentialMovingAverage, family: SundaeFamily) -> nn.Module:
+    copy = family.model_class(model.config).to(next(model.parameters()).device)
     ema.copy_to(copy)
     return copy

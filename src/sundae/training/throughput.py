@@ -2,68 +2,17 @@
 matmul rate of this device and dtype (the rate a step could reach if it did nothing but its
 largest matmuls), logged next to samples/s.
 
-FLOPs are counted on the real modules with :class:`torch.utils.flop_counter.FlopCounterMode`
-(2 per multiply-add), CPU attention included; the speed harness in ``benchmarks/`` uses the
-same two functions.
+FLOPs and the matmul rate are measured by :func:`sundae.speed.count_flops` and
+:func:`sundae.speed.measure_matmul_rate`, the functions the speed harness in ``benchmarks/`` uses.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from sundae.speed import median_seconds, time_call
-
-MATMUL_REPEATS = 10
-MATMUL_MIN_SECONDS = 0.05  # per timed matmul measurement
-
-
-def attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any,
-                    out_shape: Any = None, **kwargs: Any) -> int:
-    """Scores ``q @ kᵀ`` plus the weighted sum ``p @ v`` of an attention call, 2 FLOPs per multiply-add."""
-    *batch, queries, width = query_shape
-    keys = key_shape[-2]
-    return 2 * math.prod(batch) * queries * keys * (width + value_shape[-1])
-
-
-# FlopCounterMode knows the CUDA attention kernels but not the CPU one, which it would count as 0
-_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
-
-
-def count_flops(function: Callable[[], Any]) -> int:
-    """FLOPs of the matmuls, convolutions and attention that ``function`` runs (one real call)."""
-    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
-    with counter:
-        function()
-    return counter.get_total_flops()
-
-
-def measure_matmul_rate(rows: int, dim: int, *, dtype: torch.dtype, device: torch.device,
-                        repeats: int = MATMUL_REPEATS) -> float:
-    """Dense matmul FLOP/s of ``(rows, dim) @ (dim, 4·dim)`` in ``dtype``: median of ``repeats`` timings
-    of at least ``MATMUL_MIN_SECONDS`` each, after warm-up.
-
-    The shape of a transformer's feed-forward layer: the rate a step could reach if it did nothing
-    but its largest matmuls.
-    """
-    generator = torch.Generator(device=device).manual_seed(0)
-    left = torch.randn(rows, dim, generator=generator, device=device, dtype=dtype)
-    right = torch.randn(dim, 4 * dim, generator=generator, device=device, dtype=dtype)
-
-    def multiply(times: int) -> None:
-        for _ in range(times):
-            torch.mm(left, right)
-
-    with torch.inference_mode():
-        # a small product takes microseconds: time enough of them in a row for the timer and clocks
-        _, once = time_call(lambda: multiply(2), device)
-        times = max(1, math.ceil(MATMUL_MIN_SECONDS / max(once / 2, 1e-9)))
-        seconds = median_seconds(lambda: multiply(times), device, repeats=repeats) / times
-    return 2 * rows * dim * 4 * dim / seconds
-
+from sundae.speed import count_flops, measure_matmul_rate
 
 class Throughput:
     """The FLOPs of one optimizer step (counted on the process's first step, which runs for real

@@ -29,12 +29,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sundae.checkpoint import CheckpointError, load_weights, read_json, save_weights
-from sundae.config import ConfigError, VQGANConfig
+from sundae.config import ConfigError, tokenizer_config_from_dict
 from sundae.data.images import ImageFolder
 from sundae.distributed import DistributedContext, run_distributed
 from sundae.eval.reconstruction import reconstruction_metrics, save_reconstruction_grid
 from sundae.runtime import autocast, resolve_training_precision
 from sundae.tokenizer import VQGAN, VQGANOutput
+from sundae.var.tokenizer import build_tokenizer, load_vqgan
 from sundae.tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from sundae.tokenizer.losses import TokenizerLossConfig, build_perceptual_loss, discriminator_loss, generator_loss
 from sundae.training.common import (
@@ -167,7 +168,7 @@ class TokenizerCheckpointer(Checkpointer):
         if not self.checkpoint_dir.exists():
             return 0
         saved = read_json(self.checkpoint_dir / "config.json")
-        if VQGANConfig.from_dict(saved["config"]) != vqgan.config:
+        if tokenizer_config_from_dict(saved["config"]) != vqgan.config:
             raise CheckpointError(f"{self.checkpoint_dir} holds a tokenizer of another configuration than the one "
                                   "requested; use a new --output-dir or the same model options")
         check_same_settings(saved.get("training", {}), self.config.to_dict(), ignored=RESUMABLE_CHANGES,
@@ -193,12 +194,19 @@ def build_loader(dataset: ImageFolder, config: TokenizerTrainingConfig, start_st
 
 
 def start_from(vqgan: VQGAN, directory: Path) -> None:
-    """Initialise ``vqgan`` from a saved tokenizer of the same configuration."""
-    saved = VQGAN.from_pretrained(directory)
-    if saved.config != vqgan.config:
+    """Initialise ``vqgan`` from a saved tokenizer of the same configuration, or a multi-scale one from
+    a single-scale tokenizer of the same network (encoder, decoder and codebook; the φ convolutions keep
+    their initialisation)."""
+    saved = load_vqgan(directory)
+    shared_fields = {name: value for name, value in vqgan.config.to_dict().items()
+                     if name not in ("scales", "residual_ratio")}
+    if saved.config != vqgan.config and saved.config.to_dict() != shared_fields:
         raise ConfigError(f"--init-from {directory} holds a tokenizer of another configuration than the one requested; "
                           "use the same --preset and model options")
-    vqgan.load_state_dict(saved.state_dict())
+    missing, unexpected = vqgan.load_state_dict(saved.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("quantize.phi.") for name in missing):
+        raise ConfigError(f"--init-from {directory}: its weights do not fit this tokenizer (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
 
 
 def decoder_parameters(vqgan: VQGAN) -> list[nn.Parameter]:
@@ -291,12 +299,12 @@ class TokenizerRun:
 def prepare_run(config: TokenizerTrainingConfig, context: DistributedContext) -> TokenizerRun:
     """Build the models and optimizers (seeded by ``config.seed``) and restore the latest checkpoint."""
     output_dir = Path(config.output_dir)
-    model_config = VQGANConfig.from_dict(config.model)
+    model_config = tokenizer_config_from_dict(config.model)
     loss_config = TokenizerLossConfig.from_dict(
         {"discriminator_start": default_discriminator_start(config.steps), **config.loss})
     dataset = ImageFolder(config.images, resolution=model_config.resolution, channels=model_config.in_channels)
     torch.manual_seed(config.seed)
-    vqgan = VQGAN(model_config).to(context.device)
+    vqgan = build_tokenizer(model_config).to(context.device)
     if config.init_from is not None:
         start_from(vqgan, Path(config.init_from))
     trained = decoder_parameters(vqgan) if config.decoder_only else list(vqgan.parameters())
