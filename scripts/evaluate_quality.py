@@ -35,6 +35,7 @@ from sundae.eval.memorisation import (memorisation_summary, nearest_neighbours, 
                                       save_nearest_pairs)
 from sundae.models import model_directory
 from sundae.pipeline import SundaePipeline
+from sundae.pipelines import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("fid", "precision", "recall", "density", "coverage")
@@ -65,10 +66,11 @@ def train_subset(folder: Path, count: int) -> torch.Tensor:
     return torch.cat(list(files))
 
 
-def draw_samples(pipe: SundaePipeline, count: int, *, steps: int | None, seed: int,
+def draw_samples(pipe: SundaePipeline, count: int, *, options: dict, seed: int,
                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """``count`` class-balanced samples (sample i: class i mod C, seed + i), as `sundae evaluate` draws them."""
-    options = pipe.sampling_options({} if steps is None else {"steps": steps})
+    """``count`` class-balanced samples (sample i: class i mod C, seed + i), as `sundae evaluate` draws them,
+    with the sampling ``options`` over the model's defaults (SUNDAE's or VAR's)."""
+    options = pipe.sampling_options(options)
     labels = class_labels_for(pipe, count, seed=seed, class_balanced=True)
     images, steps_taken, seconds = [], [], 0.0
     for batch in sample_batches(pipe, samples=range(count), options=options, seed=seed, labels=labels,
@@ -135,9 +137,9 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    pipe = SundaePipeline.from_pretrained(model_directory(args.model), device="cpu")
-    samples, labels, sampling = draw_samples(pipe, args.num_samples, steps=args.steps, seed=args.seed,
-                                             batch_size=args.batch_size)
+    pipe = load_pipeline(model_directory(args.model), device="cpu")
+    samples, labels, sampling = draw_samples(pipe, args.num_samples, options={} if args.steps is None else
+                                             {"steps": args.steps}, seed=args.seed, batch_size=args.batch_size)
     real, real_labels = held_out_images(Path(args.real))
     recon = reconstructions(pipe.tokenizer, real)
     train_images = train_subset(Path(args.train_images), args.num_samples)

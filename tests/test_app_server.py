@@ -113,7 +113,7 @@ def sample_image(pipeline: SundaePipeline) -> np.ndarray:
 def test_info_describes_the_model_and_the_forms(client):
     info = client.get("/api/info").json()
     # a trainer exports <run>/model: the page names the run, not "model"
-    assert info["model"] == {"name": "tiny-run", "tokenizer": "pixels", "factor": 1, "codebook_size": 256,
+    assert info["model"] == {"name": "tiny-run", "paradigm": "SUNDAE", "tokenizer": "pixels", "factor": 1, "codebook_size": 256,
                              "image_size": [8, 8], "channels": 1, "class_names": CLASS_NAMES, "device": "cpu"}
     # what the page needs to tell the user what it did to an upload: f, the model's size and the canvas limit
     assert info["limits"]["max_canvas"] == [32, 32] and info["limits"]["max_canvas_scale"] == 4
@@ -782,3 +782,41 @@ def test_broken_examples_are_skipped_and_cannot_reach_outside_their_folder(tmp_p
     assert read_examples(directory) == []  # only the file name counts: examples/secret.png does not exist
     (directory / "examples" / "examples.json").write_text("{not json")
     assert read_examples(directory) == [] and read_examples(None) == []
+
+
+def test_the_app_serves_a_var_model_beside_a_sundae_one(tmp_path):
+    from sundae.config import NEXT_SCALE_PRESETS, VQGAN_PRESETS, NextScaleOptions
+    from sundae.pipelines import load_pipeline as load_either
+    from sundae.var import MultiScaleVQGAN, NextScaleTransformer
+    from sundae.var.pipeline import VARPipeline
+
+    torch.manual_seed(0)
+    var = VARPipeline(NextScaleTransformer(NEXT_SCALE_PRESETS["tiny"].replace(num_classes=2)),
+                      MultiScaleVQGAN(VQGAN_PRESETS["tiny-msvq"]), class_names=["left", "right"],
+                      sampling_defaults=NextScaleOptions(guidance_scale=2.0))
+    var_dir = var.save_pretrained(tmp_path / "var")
+    first = load_pipeline(build_tiny_pipeline_dir(tmp_path / "tiny"), device="cpu")
+    app = create_app(first, models={"var": var_dir})
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        info = client.get("/api/info", params={"model": "var"}).json()
+        assert info["model"]["paradigm"] == "VAR" and info["model"]["image_size"] == [16, 16]
+        assert client.get("/api/info").json()["model"]["paradigm"] == "SUNDAE"
+        assert set(info["operations"]) == {"generate", "inpaint", "outpaint"}  # VAR cannot refine
+        knobs = {field["name"] for field in info["operations"]["generate"]}
+        assert {"temperature", "top_k", "guidance_scale", "guidance_schedule"} <= knobs and "steps" not in knobs
+        events = events_of(client.post("/api/generate", json={"model": "var", "num_images": 2, "seed": 4,
+                                                              "class_label": "right"}))
+        done = events[-1]
+        expected = load_either(var_dir, device="cpu")(2, seed=4, class_labels="right")
+        for url, image in zip(done["images"], expected.images):
+            assert np.array_equal(decode_data_url(url), np.asarray(image))
+        assert done["steps_taken"] == [3, 3]  # one forward pass per scale
+        image = png_data_url(np.asarray(expected.images[0]))
+        mask = png_data_url(np.pad(np.full((16, 8), 255, np.uint8), ((0, 0), (8, 0))))
+        inpainted = events_of(client.post("/api/inpaint", json={"model": "var", "image": image, "mask": mask,
+                                                                "num_images": 1, "seed": 1}))[-1]
+        assert inpainted["event"] == "done"
+        refused = client.post("/api/refine", json={"model": "var", "image": image, "mask": mask})
+        assert refused.status_code == 422 and "use inpaint" in refused.json()["error"]
+        wrong = client.post("/api/generate", json={"model": "var", "steps": 10})
+        assert wrong.status_code == 422 and wrong.json()["field"] == "steps"

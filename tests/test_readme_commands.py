@@ -62,6 +62,13 @@ TINY_PRIOR = {"--dim": "64", "--depth": "1,2,1", "--heads": "4", "--head-dim": "
 # (README command prefix, {flag: value}): the flag's value is replaced, or the flag appended when the
 # command does not give it (value None: a switch). The first matching prefix wins.
 TINY_FLAGS: list[tuple[str, dict[str, str | None]]] = [
+    # VAR's commands: no --steps (a VAR model refuses it), a multi-scale tokenizer of the tiny resolution
+    ("sundae sample --model runs/var/model", {"-n": "4"}),
+    ("sundae inpaint var-samples/0000.png", {"-n": "2"}),
+    ("sundae train-tokenizer my_images/ -o runs/var-tok", {"--steps": "2", "--resolution": "32",
+                                                          "--scales": "1,2,4,8", "--batch-size": "4"}),
+    ("sundae train-var", {"--dim": "64", "--depth": "2", "--heads": "4", "--head-dim": "16", "--batch-size": "4",
+                          "--eval-batches": "1", "--steps": "2"}),
     ("sundae sample", {"--steps": "2", "-n": "4"}),
     ("sundae inpaint", {"--steps": "2", "-n": "2"}),
     ("sundae outpaint", {"--steps": "2", "-n": "2"}),

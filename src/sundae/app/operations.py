@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from sundae.app.validation import FORM_KNOBS, MAX_BATCH_PIXELS, MAX_IMAGES, SIDES, CanvasLimit, RequestError
+from sundae.app.validation import MAX_BATCH_PIXELS, MAX_IMAGES, SIDES, CanvasLimit, RequestError
 from sundae.app.worker import Job
+from sundae.config import NextScaleOptions, SamplingOptions
 from sundae.pipeline import PipelineOutput, SundaePipeline, to_pil
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def check_sampling(pipeline: SundaePipeline, request: dict[str, Any], image_size
 
 
 def sampling_options(request: dict[str, Any]) -> dict[str, Any]:
-    return {key: request[key] for key in FORM_KNOBS}
+    """The sampler knobs of a request read with its model's fields (SUNDAE's or VAR's knobs)."""
+    return {key: request[key] for key in (*SamplingOptions.knobs(), *NextScaleOptions.knobs()) if key in request}
 
 
 def check_image(pipeline: SundaePipeline, image: Image.Image, name: str = "image") -> None:

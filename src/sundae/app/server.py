@@ -55,7 +55,8 @@ from sundae.app.worker import Event, Job, ModelWorker
 from sundae.checkpoint import CheckpointError, read_json
 from sundae.errors import InputError
 from sundae.models import SHIPPED_MODELS, model_directory, shipped_name
-from sundae.pipeline import MODEL_INDEX_NAME, SundaePipeline
+from sundae.pipeline import MODEL_INDEX_NAME, VAR_PIPELINE_KIND, SundaePipeline
+from sundae.pipelines import load_pipeline as load_either
 from sundae.tokenizer.pixels import PixelTokenizer
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ def model_facts(pipeline: SundaePipeline) -> dict[str, Any]:
     class_names = pipeline.class_names or (None if num_classes is None else [str(i) for i in range(num_classes)])
     return {
         "name": pipeline.name,
-        "tokenizer": "pixels" if isinstance(pipeline.tokenizer, PixelTokenizer) else "VQ-GAN",
+        "paradigm": "VAR" if pipeline.kind == VAR_PIPELINE_KIND else "SUNDAE",
+        "tokenizer": "pixels" if isinstance(pipeline.tokenizer, PixelTokenizer) else
+                     "multi-scale VQ-GAN" if pipeline.kind == VAR_PIPELINE_KIND else "VQ-GAN",
         "factor": pipeline.factor,
         "codebook_size": pipeline.tokenizer.config.codebook_size,
         "image_size": list(pipeline.image_size),
@@ -142,6 +145,9 @@ def operation_endpoint(kind: str, max_body_bytes: int) -> Callable[[Request], Aw
             # thread keeps the event loop streaming others' previews
             payload = await run_in_threadpool(parse_json, body)
             served = await run_in_threadpool(state.catalogue.get, pop_model_name(payload))
+            if kind not in served.fields:
+                raise RequestError(f"{served.pipeline.name} is a VAR model, which does not {kind} (its coarse-to-fine "
+                                   "sampler cannot re-sample from current tokens); use inpaint", status=422)
             values = await run_in_threadpool(read_fields, payload, served.fields[kind])
             prepared = await run_in_threadpool(operations.prepare, served.pipeline, kind, values, served.canvas)
         except RequestError:
@@ -224,7 +230,7 @@ class ServedModel:
         canvas = CanvasLimit(tuple(pipeline.image_size), max_canvas_scale)
         pipeline.set_progress_bar_config(disable=True)  # the server logs; previews show the progress
         fields = operation_fields(canvas, pipeline.factor, pipeline.sampling_options(),
-                                  pipeline.sampling_options(edit=True))
+                                  pipeline.sampling_options(edit=True), refines=pipeline.kind != VAR_PIPELINE_KIND)
         return cls(pipeline, canvas, fields, tuple(pipeline.tokenizer.modules()), operations.read_examples(directory))
 
 
@@ -258,8 +264,8 @@ class ModelCatalogue:
                     raise RequestError(f"unknown model {name!r}; this app serves {', '.join(self.names)}",
                                        field="model")
                 try:
-                    pipeline = SundaePipeline.from_pretrained(self._directories[name], device=self._device,
-                                                              precision=self._precision)
+                    pipeline = load_either(self._directories[name], device=self._device,
+                                           precision=self._precision)
                 except InputError as error:  # a model directory gone or broken since the app started
                     raise RequestError(f"model {name!r} could not be loaded: {error}", field="model",
                                        status=500) from None
@@ -339,7 +345,7 @@ def load_pipeline(model_dir: str | os.PathLike | None, device: str | None = None
     """The model in ``model_dir``, or the shipped default model; a shipped model goes by its registry name,
     any other by :func:`model_name`."""
     directory = model_directory(model_dir)
-    pipeline = SundaePipeline.from_pretrained(directory, device=device, precision=precision)
+    pipeline = load_either(directory, device=device, precision=precision)
     pipeline.name = shipped_name(directory) or model_name(directory)
     return pipeline
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from sundae.config import Knob, SamplingOptions
+from sundae.config import Knob, KnobOptions, SamplingOptions
 from sundae.errors import InputError
 
 MAX_STEPS = 1000
@@ -303,13 +303,15 @@ def describe_fields(fields: dict[str, Field]) -> list[dict[str, Any]]:
 # without an upper bound, one that fits every integer type on the way to the sampler.
 WORK_LIMITS = {"steps": MAX_STEPS}
 MAX_KNOB_INTEGER = 2**31 - 1
-FORM_KNOBS = tuple(name for name, knob in SamplingOptions.knobs().items() if knob.form)
+def form_knobs(options_class: type[KnobOptions] = SamplingOptions) -> tuple[str, ...]:
+    """The sampler knobs the form shows for a model whose options are ``options_class`` (SUNDAE's or VAR's)."""
+    return tuple(name for name, knob in options_class.knobs().items() if knob.form)
 
 
-def knob_field(name: str, knob: Knob, default: Any) -> Field:
+def knob_field(name: str, knob: Knob, default: Any, options_class: type[KnobOptions] = SamplingOptions) -> Field:
     """The form field of one sampler knob, built from its :class:`~sundae.config.Knob` (label, range,
     choices), with ``default`` the served model's."""
-    kind, nullable = SamplingOptions.knob_type(name)
+    kind, nullable = options_class.knob_type(name)
     if knob.choices is not None:
         return Choice(label=knob.label, default=default, choices=knob.choices)
     if kind is bool:
@@ -323,10 +325,12 @@ def knob_field(name: str, knob: Knob, default: Any) -> Field:
                   step=knob.step or 0.05)
 
 
-def _sampling_fields(defaults: SamplingOptions, *, images_label: str) -> dict[str, Field]:
+def _sampling_fields(defaults: KnobOptions, *, images_label: str) -> dict[str, Field]:
+    knobs = type(defaults).knobs()
     return {
         "num_images": Integer(label=images_label, default=4, minimum=1, maximum=MAX_IMAGES),
-        **{name: knob_field(name, SamplingOptions.knobs()[name], getattr(defaults, name)) for name in FORM_KNOBS},
+        **{name: knob_field(name, knobs[name], getattr(defaults, name), type(defaults))
+           for name in form_knobs(type(defaults))},
         "class_label": ClassLabel(label="Class"),
         "seed": Integer(label="Seed", default=None, minimum=0, maximum=MAX_SEED, nullable=True,
                         placeholder="random"),
@@ -345,11 +349,12 @@ def default_extension(canvas: CanvasLimit, factor: int) -> int:
     return min(half, (max_width - width) // factor * factor)
 
 
-def operation_fields(canvas: CanvasLimit, factor: int, defaults: SamplingOptions,
-                     edit_defaults: SamplingOptions) -> dict[str, dict[str, Field]]:
+def operation_fields(canvas: CanvasLimit, factor: int, defaults: KnobOptions, edit_defaults: KnobOptions, *,
+                     refines: bool = True) -> dict[str, dict[str, Field]]:
     """The field tables of every operation for a model of ``canvas.image_size`` pixels and tokenizer factor f,
     whose sampling defaults are ``defaults`` (generation) and ``edit_defaults`` (inpaint, refine, outpaint:
-    :meth:`~sundae.pipeline.SundaePipeline.sampling_options`)."""
+    :meth:`~sundae.pipeline.SundaePipeline.sampling_options`); without ``refines`` (a VAR model) there is no
+    refine operation."""
     image = EncodedImage(label="Image", canvas=canvas)
     edit_sampling = _sampling_fields(edit_defaults, images_label="Fills")
     mask_fields: dict[str, Field] = {
@@ -358,13 +363,14 @@ def operation_fields(canvas: CanvasLimit, factor: int, defaults: SamplingOptions
         "paste_back": Boolean(label="Paste unmasked pixels back", default=True),
     }
     extension = default_extension(canvas, factor)
+    refine = {"image": image, **edit_sampling,
+              "strength": Number(label="Strength (share of masked tokens reset)", default=0.5, minimum=0.0,
+                                 maximum=1.0),
+              **mask_fields}
     return {
         "generate": _sampling_fields(defaults, images_label="Images"),
         "inpaint": {"image": image, **edit_sampling, **mask_fields},
-        "refine": {"image": image, **edit_sampling,
-                   "strength": Number(label="Strength (share of masked tokens reset)", default=0.5, minimum=0.0,
-                                      maximum=1.0),
-                   **mask_fields},
+        **({"refine": refine} if refines else {}),
         "outpaint": {"image": image,
                      **{side: Integer(label=f"Extend {side} (px)", default=extension if side == "right" else 0,
                                       minimum=0, maximum=MAX_IMAGE_SIDE, step=factor)

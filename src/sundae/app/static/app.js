@@ -394,10 +394,14 @@ async function loadModel(name) {
   const [height, width] = model.image_size;
   const select = $("#model-select");
   select.replaceChildren(...info.models.map((option) => new Option(option, option, false, option === model.name)));
-  $("#model-info").textContent = `tokenizer ${model.tokenizer} (f=${model.factor}, `
+  $("#model-info").textContent = `${model.paradigm} · tokenizer ${model.tokenizer} (f=${model.factor}, `
     + `codebook ${model.codebook_size}) · ${width}×${height} px · `
     + `${model.class_names ? `${model.class_names.length} classes` : "unconditional"} · ${model.device}`;
   buildFields($("#generate-fields"), info.operations.generate);
+  // a VAR model has no refine: offer only the edit modes this model has
+  const mode = $("#edit-mode");
+  for (const option of mode.options) option.hidden = !(option.value in info.operations);
+  if (!(mode.value in info.operations)) mode.value = "inpaint";
   buildEditFields();
   $("#examples").hidden = info.examples.length === 0;
   $("#example-select").replaceChildren(new Option("choose…", ""),
