@@ -322,6 +322,26 @@ def test_var_training_resumes_exactly(tmp_path):
         assert (tmp_path / "straight" / "model" / name).read_bytes() == (tmp_path / "resumed" / "model" / name).read_bytes()
 
 
+def test_var_training_runs_under_torchrun_with_two_gloo_ranks(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = write_folder(tmp_path / "images", count=4)
+    assert invoke("train-tokenizer", folder, "-o", tmp_path / "tok", "--preset", "tiny-msvq", "--steps", 1,
+                  "--batch-size", 4, "--perceptual", "none", "--discriminator-layers", 1).exit_code == 0
+    assert invoke("encode", folder, "--tokenizer", tmp_path / "tok" / "tokenizer", "-o", tmp_path / "latents",
+                  "--validation-fraction", 0.3).exit_code == 0
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "sundae.cli", "train-var", str(tmp_path / "latents"), "-o", str(tmp_path / "ddp"), "--steps", "2",
+                           "--batch-size", "2", "--eval-every", "2", "--sample-every", "100", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_pipeline(tmp_path / "ddp" / "model").kind == "var-pipeline"
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert any("validation/loss" in row for row in rows)
+
+
 def test_bad_inputs_give_one_clear_error_and_exit_2(tmp_path, var_model_dir, pixel_npz):
     folder = write_folder(tmp_path / "images", count=2)
     bad_scales = invoke("train-tokenizer", folder, "-o", tmp_path / "tok", "--preset", "tiny-f4", "--resolution", 16,
