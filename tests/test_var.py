@@ -306,12 +306,18 @@ def test_cli_trains_both_stages_and_samples_inpaints_and_evaluates_a_var_model(t
     assert evaluated.exit_code == 2  # no Inception file: one clear error, before any sampling
 
 
-def test_var_training_resumes_exactly(tmp_path):
+def encoded_folder(tmp_path: Path) -> Path:
+    """A tiny image folder through a 1-step multi-scale tokenizer into ``tmp_path / "latents"``."""
     folder = write_folder(tmp_path / "images", count=4)
     assert invoke("train-tokenizer", folder, "-o", tmp_path / "tok", "--preset", "tiny-msvq", "--steps", 1,
                   "--batch-size", 4, "--perceptual", "none", "--discriminator-layers", 1).exit_code == 0
     assert invoke("encode", folder, "--tokenizer", tmp_path / "tok" / "tokenizer", "-o", tmp_path / "latents",
                   "--validation-fraction", 0.3).exit_code == 0
+    return tmp_path / "latents"
+
+
+def test_var_training_resumes_exactly(tmp_path):
+    encoded_folder(tmp_path)
     common = ["--steps", 4, "--batch-size", 4, "--checkpoint-every", 2, "--ema-decay", 0.9, "--label-dropout", 0.5,
               "--eval-every", 100, "--sample-every", 100]
     assert invoke("train-var", tmp_path / "latents", "-o", tmp_path / "straight", *common).exit_code == 0
@@ -327,14 +333,10 @@ def test_var_training_runs_under_torchrun_with_two_gloo_ranks(tmp_path):
     import subprocess
     import sys
 
-    folder = write_folder(tmp_path / "images", count=4)
-    assert invoke("train-tokenizer", folder, "-o", tmp_path / "tok", "--preset", "tiny-msvq", "--steps", 1,
-                  "--batch-size", 4, "--perceptual", "none", "--discriminator-layers", 1).exit_code == 0
-    assert invoke("encode", folder, "--tokenizer", tmp_path / "tok" / "tokenizer", "-o", tmp_path / "latents",
-                  "--validation-fraction", 0.3).exit_code == 0
+    encoded_folder(tmp_path)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "sundae.cli", "train-var", str(tmp_path / "latents"), "-o", str(tmp_path / "ddp"), "--steps", "2",
-                           "--batch-size", "2", "--eval-every", "2", "--sample-every", "100", "--device", "cpu"],
+                           "-m", "sundae.cli", "train-var", str(tmp_path / "latents"), "-o", str(tmp_path / "ddp"),
+                           "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--sample-every", "100", "--device", "cpu"],
                           capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_pipeline(tmp_path / "ddp" / "model").kind == "var-pipeline"
