@@ -77,6 +77,7 @@ TINY_FLAGS: list[tuple[str, dict[str, str | None]]] = [
     # the Inception one still takes ~25 s: FID and FID-infinity on 2048-d features, whatever the image count
     ("sundae evaluate", {"--num-samples": "8", "--steps": "2"}),
     ("sundae sweep", {"--values": "1,2", "--num-samples": "8"}),
+    ("sundae bench --train", {"--batch-sizes": "2", "--repeats": "1", "--warmup": "1"}),
     ("sundae bench", {"--preset": "tiny", "--steps": "2", "--batch-sizes": "1,2", "--repeats": "1", "--warmup": "0"}),
     ("sundae describe", {"--no-time-step": None}),  # only in prose today (`sundae describe PRESET`)
     ("sundae train-tokenizer", {"--steps": "2", "--resolution": "32", "--batch-size": "4"}),
