@@ -71,12 +71,12 @@ def _check_inputs(model: nn.Module, quantizer: nn.Module, labels: Tensor | None,
 
 def scale_logits(model: nn.Module, scale: int, inputs: Tensor | None, labels: Tensor | None, caches: list,
                  batch: int, *, guided: bool, guidance: float) -> Tensor:
-    """Scale ``scale``'s logits (B, s², v) in fp32 from the cached forward; when ``guided`` the caches hold
-    the doubled batch (conditional rows, then their null-class copies) and the logits are guided."""
+    """Scale ``scale``'s logits (B, s², v) in fp32 from the cached forward; when ``guided``, ``labels`` are
+    the doubled batch's (conditional rows, then their null-class copies, as the caches hold) and the logits
+    are guided."""
     if not guided:
         return model.forward_scale(scale, inputs, labels, caches, batch).float()
-    doubled = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
-    both = model.forward_scale(scale, None if inputs is None else torch.cat([inputs, inputs]), doubled, caches,
+    both = model.forward_scale(scale, None if inputs is None else torch.cat([inputs, inputs]), labels, caches,
                                2 * batch)
     return guide(both, guidance)
 
@@ -123,6 +123,8 @@ def sample_next_scale(
     guided = labels is not None and not (options.guidance_scale == 1.0 and options.guidance_schedule == "constant")
     if labels is not None and options.guidance_scale == 0.0 and options.guidance_schedule == "constant":
         labels, guided = torch.full_like(labels, model.config.null_class), False  # the unconditional path
+    if guided:  # every row once with its class and once with the null class, made once for all scales
+        labels = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
     keys = seed_keys(seeds.to(device))
     scales = model.config.scales
     known_grids = None if known_tokens is None else quantizer.split(known_tokens.to(device))
@@ -163,7 +165,6 @@ def _recomputed_logits(model: nn.Module, inputs: list[Tensor], labels: Tensor | 
                        count: int, device: torch.device, side: int) -> Tensor:
     """The newest scale's logits from a whole block-causal forward over every scale so far (no cache)."""
     rows = torch.cat(inputs, dim=1) if inputs else torch.zeros(count, 0, model.config.embed_dim, device=device)
-    if guided:
-        doubled = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
-        return guide(model(torch.cat([rows, rows]), doubled)[:, -side * side:], guidance)
+    if guided:  # labels: the doubled batch's, as in scale_logits
+        return guide(model(torch.cat([rows, rows]), labels)[:, -side * side:], guidance)
     return model(rows, labels)[:, -side * side:].float()
