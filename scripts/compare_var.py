@@ -12,12 +12,15 @@ tokenizer rows (held-out images encoded and decoded) are each prior's ceiling.
         --out benchmarks/results/var-vs-sundae.json --plot docs/var-vs-sundae.png
 
 Settings: SUNDAE at its shipped defaults and at VAR's pass count and 10 steps; VAR at its defaults and
-its sampling-time knobs (guidance ramped and constant, top-k).
+its sampling-time knobs (guidance ramped and constant, top-k). One side can be measured again on its own
+(a retrained prior): pass ``--keep var`` (or ``sundae``) and that paradigm's rows and tokenizer ceiling
+are kept from ``--previous`` (default: the ``--out`` file), each row saying where it was measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -33,15 +36,17 @@ from sundae.eval.evaluate import evaluate_images  # noqa: E402
 from sundae.eval.features import ClassifierFeatures, reference_statistics  # noqa: E402
 from sundae.models import model_directory  # noqa: E402
 from sundae.pipelines import load_pipeline  # noqa: E402
+from sundae.speed import device_facts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("fid", "precision", "recall", "density", "coverage")
+PARADIGMS = ("sundae", "var")
 
 
 def settings_of(sundae_passes: int, var_passes: int) -> list[tuple[str, str, dict]]:
     """(name, paradigm, options over the model's defaults) of every compared setting."""
     return [
-        ("SUNDAE, shipped defaults", "sundae", {}),
+        ("SUNDAE, defaults", "sundae", {}),
         (f"SUNDAE, {var_passes} steps (VAR's passes)", "sundae", {"steps": var_passes}),
         ("SUNDAE, 10 steps", "sundae", {"steps": 10}),
         ("VAR, defaults", "var", {}),
@@ -64,6 +69,22 @@ def seconds_per_image(pipe, options: dict, batch: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def kept_results(previous: Path, paradigm: str) -> tuple[list[dict], dict]:
+    """The rows and tokenizer ceiling of ``paradigm`` in an earlier result of this script."""
+    if not previous.is_file():
+        raise ValueError(f"--keep {paradigm} needs an earlier result, and {previous} is not a file")
+    result = json.loads(previous.read_text())
+    rows = [row for row in result["rows"] if row["paradigm"] == paradigm]
+    if not rows or paradigm not in result.get("tokenizers", {}):
+        raise ValueError(f"{previous} has no {paradigm} rows to keep")
+    return rows, result["tokenizers"][paradigm]
+
+
+def passes_of(rows: list[dict]) -> int:
+    """Forward passes per image at the defaults of the paradigm these rows belong to (its first row)."""
+    return rows[0]["forward_passes_per_image"]
+
+
 def parameters(pipe) -> dict[str, int]:
     return {"prior": sum(p.numel() for p in pipe.master_prior.parameters()),
             "tokenizer": sum(p.numel() for p in pipe.master_tokenizer.parameters())}
@@ -72,9 +93,11 @@ def parameters(pipe) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sundae", default="fashion-mnist", help="SUNDAE model (shipped name or directory)")
-    parser.add_argument("--var", required=True, help="VAR model directory (sundae train-var)")
-    parser.add_argument("--sundae-training-minutes", type=float, required=True)
-    parser.add_argument("--var-training-minutes", type=float, required=True)
+    parser.add_argument("--var", help="VAR model directory (sundae train-var); not needed with --keep var")
+    parser.add_argument("--keep", choices=PARADIGMS, help="keep this paradigm's rows from --previous")
+    parser.add_argument("--previous", help="an earlier result of this script (default: the --out file)")
+    parser.add_argument("--sundae-training-minutes", type=float)
+    parser.add_argument("--var-training-minutes", type=float)
     parser.add_argument("--classifier", default=str(ROOT / "src/sundae/assets/fashion-mnist-classifier"))
     parser.add_argument("--real", default=str(ROOT / "data/fashion-mnist/validation"))
     parser.add_argument("--num-samples", type=int, default=2000)
@@ -84,26 +107,40 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/var-vs-sundae.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs/var-vs-sundae.png"))
     args = parser.parse_args()
+    models = {"sundae": args.sundae, "var": args.var}
+    minutes = {"sundae": args.sundae_training_minutes, "var": args.var_training_minutes}
+    measured = [paradigm for paradigm in PARADIGMS if paradigm != args.keep]
+    for paradigm in measured:
+        if models[paradigm] is None or minutes[paradigm] is None:
+            parser.error(f"--{paradigm} and --{paradigm}-training-minutes are needed (or --keep {paradigm})")
 
+    tokenizers, kept_rows = {}, []
+    if args.keep:
+        try:
+            kept_rows, tokenizers[args.keep] = kept_results(Path(args.previous or args.out), args.keep)
+        except ValueError as error:
+            parser.error(str(error))
     started = time.perf_counter()
-    pipes = {"sundae": load_pipeline(model_directory(args.sundae), device="cpu"),
-             "var": load_pipeline(model_directory(args.var), device="cpu")}
+    where = f"{datetime.date.today().isoformat()}, {device_facts(torch.device('cpu'))['name']}"
+    pipes = {paradigm: load_pipeline(model_directory(models[paradigm]), device="cpu") for paradigm in measured}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     real, real_labels = held_out_images(Path(args.real))
     classifier = ClassifierFeatures(args.classifier)
     reference = reference_statistics(classifier, real, None, batch_size=250)
-    minutes = {"sundae": args.sundae_training_minutes, "var": args.var_training_minutes}
-    tokenizers = {}
     for paradigm, pipe in pipes.items():
         recon = reconstructions(pipe.tokenizer, real)
         tokenizers[paradigm] = {"fid": evaluate_images(recon, reference, classifier, batch_size=250,
                                                        model_id=f"{paradigm} tokenizer")["metrics"]["fid"],
                                 "class_accuracy": accuracy(classifier, recon, real_labels)}
+    passes = {paradigm: pipe.forward_passes(pipe.sampling_options()) for paradigm, pipe in pipes.items()}
+    if args.keep:
+        passes[args.keep] = passes_of(kept_rows)
     rows = []
-    var_passes = pipes["var"].forward_passes(pipes["var"].sampling_options())
-    for name, paradigm, options in settings_of(pipes["sundae"].forward_passes(pipes["sundae"].sampling_options()),
-                                               var_passes):
+    for name, paradigm, options in settings_of(passes["sundae"], passes["var"]):
+        if paradigm == args.keep:
+            rows.extend(row for row in kept_rows if row["setting"] == name)
+            continue
         pipe = pipes[paradigm]
         samples, labels, sampling = draw_samples(pipe, args.num_samples, options=options, seed=args.seed,
                                                  batch_size=args.batch_size)
@@ -115,7 +152,7 @@ def main() -> None:
                "seconds_per_image_batch_1": seconds_per_image(pipe, options, 1, 4 * args.timing_repeats),
                "seconds_per_image_batch_64": seconds_per_image(pipe, options, 64, args.timing_repeats),
                "parameters": parameters(pipe), "training_minutes": minutes[paradigm],
-               "sampling_options": sampling["sampling_options"]}
+               "sampling_options": sampling["sampling_options"], "measured": where}
         rows.append(row)
         print(json.dumps({key: row[key] for key in ("setting", "fid", "class_accuracy", "recall", "density",
                                                     "seconds_per_image_batch_64")}), flush=True)

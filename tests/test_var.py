@@ -362,3 +362,32 @@ def test_bad_inputs_give_one_clear_error_and_exit_2(tmp_path, var_model_dir, pix
     assert refine.exit_code == 2 and "use inpaint on a VAR model" in refine.output
     pixel_tokens = invoke("train-var", pixel_npz, "-o", tmp_path / "v", "--steps", 1)
     assert pixel_tokens.exit_code == 2 and "multi-scale tokenizer" in pixel_tokens.output
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module (they are run from a source checkout, not installed)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_comparison_keeps_one_sides_rows_from_an_earlier_result_or_says_why_not(tmp_path):
+    compare = load_script("compare_var")
+    previous = tmp_path / "previous.json"
+    rows = [{"setting": "SUNDAE, defaults", "paradigm": "sundae", "forward_passes_per_image": 50},
+            {"setting": "VAR, defaults", "paradigm": "var", "forward_passes_per_image": 6},
+            {"setting": "VAR, guidance 3 ramped", "paradigm": "var", "forward_passes_per_image": 6}]
+    previous.write_text(json.dumps({"rows": rows, "tokenizers": {"var": {"fid": 3.1}}}))
+    kept, tokenizer = compare.kept_results(previous, "var")
+    assert [row["setting"] for row in kept] == ["VAR, defaults", "VAR, guidance 3 ramped"]
+    assert tokenizer == {"fid": 3.1} and compare.passes_of(kept) == 6
+    with pytest.raises(ValueError, match="no sundae rows to keep"):
+        compare.kept_results(previous, "sundae")  # rows, but no tokenizer ceiling of that side
+    with pytest.raises(ValueError, match="is not a file"):
+        compare.kept_results(tmp_path / "missing.json", "var")
+    kept_names = {name for name, paradigm, _ in compare.settings_of(50, 6) if paradigm == "var"}
+    assert kept_names >= {row["setting"] for row in kept}, "kept rows are matched to the settings by name"
