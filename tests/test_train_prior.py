@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sundae.checkpoint import CheckpointError
-from sundae.config import HOURGLASS_PRESETS, SamplingOptions
+from sundae.config import HOURGLASS_PRESETS, ConfigError, SamplingOptions
 from sundae.pipeline import SundaePipeline
 from sundae.tokenizer.pixels import PixelTokenizer
 from sundae.training.prior import PriorTrainingConfig, train_prior
@@ -150,6 +150,34 @@ def test_resume_with_another_model_is_refused(pixel_npz, tmp_path):
     other = dict(TINY, dim=48)
     with pytest.raises(CheckpointError, match="another configuration"):
         train_prior(config(pixel_npz, out, steps=4, model=other))
+
+
+def test_a_run_can_start_from_the_prior_of_a_model_directory(pixel_npz, tmp_path):
+    """--init-from takes the exported prior's weights (the optimizer starts afresh): with a vanishing
+    learning rate the new run's weights stay those of the model it started from, not a fresh init's."""
+    first = tmp_path / "first"
+    train_prior(config(pixel_npz, first, ema_decay=None, learning_rate=3e-3))
+    started = weights(first / "model" / "prior")
+    continued, fresh = tmp_path / "continued", tmp_path / "fresh"
+    train_prior(config(pixel_npz, continued, steps=1, learning_rate=1e-9, init_from=str(first / "model")))
+    train_prior(config(pixel_npz, fresh, steps=1, learning_rate=1e-9, seed=1))
+    for name, value in weights(continued / "checkpoint").items():
+        assert torch.allclose(value, started[name], atol=1e-6), name
+    assert max((value - started[name]).abs().max() for name, value in weights(fresh / "checkpoint").items()) > 1e-2
+
+
+def test_init_from_a_prior_of_another_model_or_other_tokens_is_refused(pixel_npz, tmp_path):
+    first = tmp_path / "first"
+    train_prior(config(pixel_npz, first, steps=1))
+    with pytest.raises(ConfigError, match="another configuration"):
+        train_prior(config(pixel_npz, tmp_path / "wider", model=dict(TINY, dim=48), init_from=str(first / "model")))
+    prior_config = first / "model" / "prior" / "config.json"
+    saved = json.loads(prior_config.read_text())
+    saved["data"]["codebook_size"] = 1024
+    prior_config.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        train_prior(config(pixel_npz, tmp_path / "other", init_from=str(first / "model")))
+    assert not (tmp_path / "other" / "checkpoint").exists()
 
 
 @pytest.mark.slow

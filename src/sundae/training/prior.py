@@ -30,12 +30,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sundae.checkpoint import CheckpointError, load_weights, read_json
+from sundae.checkpoint import WEIGHTS_NAME, CheckpointError, load_weights, read_json
 from sundae.config import ConfigBase, ConfigError, HourglassConfig, KnobOptions, SamplingOptions
 from sundae.data.images import DatasetError
 from sundae.denoiser import Hourglass
 from sundae.distributed import DistributedContext, mean_across_ranks, run_distributed
-from sundae.pipeline import PIPELINE_KIND, PRIOR_SUBDIR, write_model_directory
+from sundae.models import model_directory
+from sundae.pipeline import MODEL_INDEX_NAME, PIPELINE_KIND, PRIOR_SUBDIR, write_model_directory
 from sundae.runtime import autocast, resolve_training_precision
 from sundae.sundae import sundae_loss
 from sundae.training.common import (
@@ -72,6 +73,7 @@ class PriorTrainingConfig(TrainingLoopConfig):
     sample_every: int = 1000
     sample_steps: int = 50
     compile: bool = False
+    init_from: str | None = None  # a model directory (or a prior's own folder) whose prior weights the run starts from
     family: str = "sundae"  # "sundae" (the hourglass denoiser) or "var" (sundae.var's next-scale transformer)
 
     def validate(self) -> None:
@@ -299,6 +301,27 @@ class PriorCheckpointer(Checkpointer):
         return int(state["step"])
 
 
+def start_from(model: nn.Module, name_or_path: str, identity: dict[str, Any], family: SundaeFamily) -> None:
+    """Initialise ``model`` from the prior of a shipped model (by name) or a model directory (or a prior's
+    own folder, e.g. a run's
+    ``checkpoint/``) of the same configuration, trained on the same tokenizer's tokens: a longer schedule
+    after a finished run, or fine-tuning a shipped model on new images of its domain. Only the weights
+    are taken; the optimizer, schedule and EMA start afresh (a resumable run continues with a plain resume)."""
+    directory = model_directory(name_or_path)
+    prior_dir = directory / PRIOR_SUBDIR if (directory / MODEL_INDEX_NAME).is_file() else directory
+    payload = family.model_class.read_config(prior_dir)
+    if family.config_class.from_dict(payload["config"]) != model.config:
+        raise ConfigError(f"--init-from {directory} holds a prior of another configuration than the one requested "
+                          f"({payload['config']}); use the same --preset and model options")
+    saved = payload.get("data")
+    if not isinstance(saved, dict) or "codebook_size" not in saved:
+        raise CheckpointError(f"--init-from {directory}: {prior_dir / 'config.json'} does not say which tokens the "
+                              "prior was trained on (no \"data\" object)")
+    check_same_data(saved, identity, prior_dir)
+    load_weights(model, prior_dir / WEIGHTS_NAME)
+    log.info("starting from the prior weights of %s", prior_dir)
+
+
 def _tokenizer_directory(dataset) -> Path | None:
     identity = getattr(dataset, "tokenizer", None)
     if not identity or not identity.get("path"):
@@ -409,6 +432,8 @@ def _train(config: PriorTrainingConfig, context: DistributedContext, family_clas
     model_config = family.model_config()
     torch.manual_seed(config.seed)
     model = family.model_class(model_config).to(context.device)
+    if config.init_from is not None:  # before the EMA copies the weights; a checkpoint's restore overrides both
+        start_from(model, config.init_from, data_identity(dataset), family)
     compute_dtype = resolve_training_precision(config.precision, context.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=config.betas, fused=context.device.type == "cuda")
