@@ -918,8 +918,8 @@ def prior_loop_options(function: Callable) -> Callable:
         click.option("--checkpoint-every", type=int, default=1000, show_default=True),
         click.option("--stop-after-steps", type=int, default=None, help="End this run early (resume later)."),
         click.option("--init-from", default=None,
-                     help="Start from the prior weights of this shipped model or model directory (same model options, same "
-                          "tokenizer's tokens); the optimizer and schedule start afresh."),
+                     help="Start from the prior weights of this shipped model or model directory (same model "
+                          "options, same tokenizer's tokens); the optimizer and schedule start afresh."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default=None),
         click.option("--compile", is_flag=True, help="torch.compile the training step."),

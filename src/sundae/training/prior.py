@@ -73,7 +73,7 @@ class PriorTrainingConfig(TrainingLoopConfig):
     sample_every: int = 1000
     sample_steps: int = 50
     compile: bool = False
-    init_from: str | None = None  # a model directory (or a prior's own folder) whose prior weights the run starts from
+    init_from: str | None = None  # a shipped model's name or a model directory whose prior the run starts from
     family: str = "sundae"  # "sundae" (the hourglass denoiser) or "var" (sundae.var's next-scale transformer)
 
     def validate(self) -> None:
@@ -302,11 +302,11 @@ class PriorCheckpointer(Checkpointer):
 
 
 def start_from(model: nn.Module, name_or_path: str, identity: dict[str, Any], family: SundaeFamily) -> None:
-    """Initialise ``model`` from the prior of a shipped model (by name) or a model directory (or a prior's
-    own folder, e.g. a run's
-    ``checkpoint/``) of the same configuration, trained on the same tokenizer's tokens: a longer schedule
-    after a finished run, or fine-tuning a shipped model on new images of its domain. Only the weights
-    are taken; the optimizer, schedule and EMA start afresh (a resumable run continues with a plain resume)."""
+    """Initialise ``model`` from the prior of a shipped model (by name), a model directory or a prior's own
+    folder (e.g. a run's ``checkpoint/``) of the same configuration, trained on the same tokenizer's tokens:
+    a longer schedule after a finished run, or fine-tuning a shipped model on new images of its domain.
+    Only the weights are taken; the optimizer, schedule and EMA start afresh (a resumable run continues
+    with a plain resume)."""
     directory = model_directory(name_or_path)
     prior_dir = directory / PRIOR_SUBDIR if (directory / MODEL_INDEX_NAME).is_file() else directory
     payload = family.model_class.read_config(prior_dir)
