@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -271,9 +272,15 @@ def test_baseline_tokens_are_decoded_and_scored(extractor, real_images):
 # --- sweeps --------------------------------------------------------------------------------
 
 
-def test_sweep_writes_one_csv_row_and_plot_point_per_value(pipeline, extractor, real_images, tmp_path):
-    results = sweep(pipeline, real_images, extractor, parameter="temperature", values=[0.5, 1.0], num_samples=24,
-                    base_options={"steps": 2}, seed=3, batch_size=12)
+def test_sweep_writes_one_csv_row_and_plot_point_per_value(pipeline, extractor, real_images, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sundae.eval.evaluate"):
+        results = sweep(pipeline, real_images, extractor, parameter="temperature", values=[0.5, 1.0], num_samples=24,
+                        base_options={"steps": 2}, seed=3, batch_size=12)
+    lines = [record.getMessage() for record in caplog.records if ": fid " in record.getMessage()]
+    assert len(lines) == 2
+    for line, value, result in zip(lines, [0.5, 1.0], results):  # each value's figures, as it lands
+        assert line.startswith(f"sweep temperature={value}: fid {result['metrics']['fid']:.3g}, precision ")
+        assert line.endswith(f"mean steps {result['mean_steps_taken']:.1f}")
     assert [result["sampling_options"]["end_temperature"] for result in results] == [0.5, 1.0]
     assert all(result["sampling_options"]["steps"] == 2 and result["field"] == "end_temperature" for result in results)
     assert results[0]["metrics"]["fid"] != results[1]["metrics"]["fid"]

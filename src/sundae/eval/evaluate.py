@@ -426,7 +426,18 @@ def sweep(pipeline: SundaePipeline, real_images: ImageSource | ReferenceFeatures
                           sampling_options=options, seed=seed, batch_size=batch_size, context=context,
                           **evaluate_options)
         results.append({"parameter": parameter, "field": field, "value": value, **report})
+        log.info("sweep %s=%s: %s", parameter, value, summary_line(report))
     return results
+
+
+def summary_line(report: Mapping[str, Any]) -> str:
+    """One line of a report's headline figures, so that a long sweep shows each value's result as it lands."""
+    scores = report["metrics"]
+    figures = [f"{name} {scores[name]:.3g}" for name in ("fid", "precision", "recall", "density", "coverage",
+                                                          "class_accuracy") if scores.get(name) is not None]
+    if report.get("mean_steps_taken") is not None:
+        figures.append(f"mean steps {report['mean_steps_taken']:.1f}")
+    return ", ".join(figures)
 
 
 def sweep_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
