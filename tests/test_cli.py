@@ -335,3 +335,21 @@ def test_no_flags_sample_with_the_models_scheduler_and_flags_override(scheduled_
     assert all(FLAG_NAMES[name] in help_text for name in SamplingOptions.knobs())
     assert "Sampling steps T. [default: (the model's scheduler/config.json)]" in help_text
     assert "[default: (0.4: edits sample cold, §3.6)]" in " ".join(run("refine", "--help").output.split())
+
+
+@pytest.mark.parametrize("flag, flips", [([], True), (["--no-flips"], False)])
+def test_train_passes_flips_to_the_run(flag, flips, tmp_path, monkeypatch):
+    """`sundae train --no-flips` reaches the run's config (the loop then opens the latents without flipped rows)."""
+    import sundae.training.prior as prior_training
+
+    configs = []
+
+    class Finished:
+        def summary(self, what: str) -> str:
+            return f"{what}: captured"
+
+    monkeypatch.setattr(prior_training, "train_prior", lambda config: configs.append(config) or Finished())
+    (tmp_path / "latents").mkdir()
+    result = run("train", tmp_path / "latents", "-o", tmp_path / "run", "--preset", "tiny", *flag)
+    assert result.exit_code == 0, result.output
+    assert [config.flips for config in configs] == [flips]

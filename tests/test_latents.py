@@ -102,6 +102,19 @@ def test_rows_are_each_image_then_its_encoded_flip(folder: Path, tmp_path: Path)
     assert manifest["dtype"] == "uint16" and manifest["count"] == 20 and manifest["complete"]
 
 
+def test_without_flips_a_split_keeps_only_the_images_own_rows(folder: Path, tmp_path: Path) -> None:
+    """--no-flips (data whose orientation is fixed): the flipped rows leave every split, the originals all stay."""
+    directory = encode(LeftHalfTokenizer(), folder, tmp_path / "latents", validation_fraction=0.2)
+    for split in ("train", "validation", "all"):
+        both, originals = LatentDataset(directory, split=split), LatentDataset(directory, split=split, flips=False)
+        assert len(originals) == len(both) // 2 > 0 and not originals.flipped.any()
+        assert originals.rows.tolist() == both.rows[~both.flipped].tolist()
+        tokens, labels = originals.batch(range(len(originals)))
+        expected_tokens, expected_labels = both.batch(np.flatnonzero(~both.flipped))
+        assert torch.equal(tokens, expected_tokens) and torch.equal(labels, expected_labels)
+        assert originals.labels.tolist() == expected_labels.tolist()
+
+
 def test_unreadable_image_is_skipped_and_listed(folder: Path, tmp_path: Path) -> None:
     dataset = LatentDataset(encode(LeftHalfTokenizer(), folder, tmp_path / "latents"), split="all")
     assert [entry["path"] for entry in dataset.manifest["skipped"]] == ["cats/02_broken.png"]

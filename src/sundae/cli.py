@@ -920,6 +920,9 @@ def prior_loop_options(function: Callable) -> Callable:
         click.option("--init-from", default=None,
                      help="Start from the prior weights of this shipped model or model directory (same model "
                           "options, same tokenizer's tokens); the optimizer and schedule start afresh."),
+        click.option("--flips/--no-flips", default=True, show_default=True,
+                     help="Train on the flipped images' rows of the latents too; --no-flips where orientation "
+                          "is fixed (Fashion-MNIST's shoes all point left)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default=None),
         click.option("--compile", is_flag=True, help="torch.compile the training step."),

@@ -451,13 +451,15 @@ class TokenDataset(Dataset):
 class LatentDataset(TokenDataset):
     """A directory written by :func:`encode_folder`, memory-mapped read-only.
 
-    ``split`` is "train", "validation" or "all". Exposes ``grid_shape``, ``codebook_size``,
+    ``split`` is "train", "validation" or "all"; ``flips=False`` leaves out the rows of flipped images
+    (for data whose orientation is fixed: Fashion-MNIST's shoes all point left, so a mirrored shoe is
+    a sample unlike any real one). Exposes ``grid_shape``, ``codebook_size``,
     ``class_names`` / ``num_classes``, ``tokenizer`` (the identity stored at encoding time),
     ``labels`` and ``flipped`` (for this split's items), ``sources`` (one per image) and the
     whole ``manifest``.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, split: str = "train") -> None:
+    def __init__(self, directory: str | os.PathLike, *, split: str = "train", flips: bool = True) -> None:
         self.directory = Path(directory)
         self.manifest = self._read_manifest()
         self.tokenizer: dict[str, Any] = self.manifest["tokenizer"]
@@ -471,7 +473,11 @@ class LatentDataset(TokenDataset):
             codebook_size=self.manifest["codebook_size"],
             class_names=self.manifest["class_names"],
         )
-        self.flipped = self._load_row_array(FLIPPED_NAME)[self.rows]
+        row_flipped = self._load_row_array(FLIPPED_NAME).astype(bool)
+        if not flips:
+            self.rows = self.rows[~row_flipped[self.rows]]
+            self.labels = self._row_labels[self.rows].astype(np.int64)
+        self.flipped = row_flipped[self.rows]
 
     def _read_manifest(self) -> dict[str, Any]:
         path = self.directory / MANIFEST_NAME

@@ -74,6 +74,7 @@ class PriorTrainingConfig(TrainingLoopConfig):
     sample_steps: int = 50
     compile: bool = False
     init_from: str | None = None  # a shipped model's name or a model directory whose prior the run starts from
+    flips: bool = True  # train (and validate) on the latent dataset's horizontally flipped rows too
     family: str = "sundae"  # "sundae" (the hourglass denoiser) or "var" (sundae.var's next-scale transformer)
 
     def validate(self) -> None:
@@ -103,8 +104,9 @@ class SundaeObjective(nn.Module):
                            generator=generator)
 
 
-def open_token_dataset(path: str | Path, split: str):
-    """A latent dataset directory, or a pixel-token ``.npz`` (grey levels as tokens, v = 256)."""
+def open_token_dataset(path: str | Path, split: str, *, flips: bool = True):
+    """A latent dataset directory (without its flipped rows when ``flips`` is False), or a pixel-token
+    ``.npz`` (grey levels as tokens, v = 256; it has no flipped rows)."""
     path = Path(path)
     if path.suffix == ".npz":
         from sundae.data.mnist import PixelTokenDataset
@@ -112,7 +114,7 @@ def open_token_dataset(path: str | Path, split: str):
         return PixelTokenDataset(path, split=split)
     from sundae.data.latents import LatentDataset
 
-    return LatentDataset(path, split=split)
+    return LatentDataset(path, split=split, flips=flips)
 
 
 def data_classes(dataset, config: PriorTrainingConfig) -> int | None:
@@ -360,8 +362,8 @@ def train_prior(config: PriorTrainingConfig, family: type[SundaeFamily] = Sundae
 
 def _open_splits(config: PriorTrainingConfig) -> tuple[Any, Any]:
     """The train and validation token datasets, refused before any step runs when one is empty."""
-    dataset = open_token_dataset(config.data, "train")
-    validation = open_token_dataset(config.data, "validation")
+    dataset = open_token_dataset(config.data, "train", flips=config.flips)
+    validation = open_token_dataset(config.data, "validation", flips=config.flips)
     for split, rows in (("train", dataset), ("validation", validation)):
         if len(rows) == 0:
             raise DatasetError(f"{config.data} has no {split} rows; encode more images or a larger "
