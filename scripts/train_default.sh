@@ -45,12 +45,13 @@ from sundae.data.mnist import load_pixel_archive
 path = "src/sundae/assets/default/prior/config.json"
 payload = json.load(open(path))
 payload["data"]["class_names"] = [str(name) for name in load_pixel_archive("data/fashion-mnist.npz").class_names]
-json.dump(payload, open(path, "w"), indent=2, sort_keys=True)
-# the sampling defaults chosen from the sweeps (README "Sampling defaults"): classifier-free guidance 1.5
+open(path, "w").write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+# the sampling defaults chosen from the sweeps (README "Sampling defaults"): classifier-free guidance 1.5 and
+# the paper's Table 8 setting, a low proportion (0.2) over T = 100 steps (self-stopping ends a sample after about 31)
 path = "src/sundae/assets/default/scheduler/config.json"
 payload = json.load(open(path))
-payload["config"]["guidance_scale"] = 1.5
-json.dump(payload, open(path, "w"), indent=2)
+payload["config"].update(guidance_scale=1.5, steps=100, proportion=0.2)
+open(path, "w").write(json.dumps(payload, indent=2) + "\n")
 PY
 du -sh src/sundae/assets/default
 

@@ -45,7 +45,7 @@ from sundae.data.mnist import load_pixel_archive
 from sundae.pipeline import SundaePipeline
 pipe = SundaePipeline.from_pretrained(sys.argv[1], device="cpu")
 pipe.class_names = list(load_pixel_archive("data/emoji.npz").class_names)
-# the sampling defaults the Fashion-MNIST sweeps chose (README "Sampling defaults"), not re-tuned here
+# the sampling defaults the Fashion-MNIST sweeps chose on its prior trained with flips, not re-tuned here
 pipe.sampling_defaults = pipe.sampling_defaults.replace(steps=50, end_temperature=0.6, proportion=0.8,
                                                         guidance_scale=1.5)
 pipe.save_pretrained(sys.argv[2], weights_dtype=torch.float16)
