@@ -401,12 +401,13 @@ class TokenDataset(Dataset):
 
     Items are ``(tokens LongTensor (h, w), label int)`` (label -1 without classes);
     ``batch(indices)`` gathers many at once for loops that bypass DataLoader.
-    Subclasses supply the rows (any integer array of shape (rows, h, w)) and per-row metadata.
+    Subclasses supply the rows (any integer array of shape (rows, h, w)) and per-row metadata;
+    ``keep_rows`` (a boolean per row) leaves the others out of every split.
     """
 
     def __init__(
         self, *, tokens: np.ndarray, row_labels: np.ndarray, row_splits: np.ndarray, split: str,
-        codebook_size: int, class_names: Sequence[str],
+        codebook_size: int, class_names: Sequence[str], keep_rows: np.ndarray | None = None,
     ) -> None:
         if not len(row_labels) == len(row_splits) == len(tokens):
             raise DatasetError(
@@ -418,6 +419,8 @@ class TokenDataset(Dataset):
         self._tokens = tokens
         self._row_labels = row_labels
         self.rows = split_rows(row_splits, split)
+        if keep_rows is not None:
+            self.rows = self.rows[keep_rows[self.rows]]
         self.labels = row_labels[self.rows].astype(np.int64)
 
     @property
@@ -465,6 +468,7 @@ class LatentDataset(TokenDataset):
         self.tokenizer: dict[str, Any] = self.manifest["tokenizer"]
         self.sources: list[str] = self.manifest["sources"]
         row_splits = self._load_row_array(SPLIT_NAME)
+        row_flipped = self._load_row_array(FLIPPED_NAME).astype(bool)
         super().__init__(
             tokens=self._open_tokens(),
             row_labels=self._load_row_array(LABELS_NAME),
@@ -472,11 +476,8 @@ class LatentDataset(TokenDataset):
             split=split,
             codebook_size=self.manifest["codebook_size"],
             class_names=self.manifest["class_names"],
+            keep_rows=None if flips else ~row_flipped,
         )
-        row_flipped = self._load_row_array(FLIPPED_NAME).astype(bool)
-        if not flips:
-            self.rows = self.rows[~row_flipped[self.rows]]
-            self.labels = self._row_labels[self.rows].astype(np.int64)
         self.flipped = row_flipped[self.rows]
 
     def _read_manifest(self) -> dict[str, Any]:
