@@ -14,11 +14,12 @@ import pytest
 import torch
 from einops import rearrange
 from PIL import Image
+from safetensors.torch import save_file
 from torch import Tensor
 
-from sundae.checkpoint import CheckpointError
+from sundae.checkpoint import CheckpointError, content_hash
 from sundae.data.images import DatasetError, ImageFolder
-from sundae.data.latents import LatentDataset, encode_folder, tokenizer_identity
+from sundae.data.latents import LatentDataset, encode_folder, same_codes, tokenizer_identity
 
 RESOLUTION = 16
 TOKENIZER_ID = {"path": "/models/fake", "sha256": "a" * 64}
@@ -181,6 +182,18 @@ def test_output_of_another_tokenizer_or_listing_is_refused(folder: Path, tmp_pat
         encode(LeftHalfTokenizer(codebook_size=32), folder, out_dir)
 
 
+def test_an_encoding_resumes_with_the_tokenizer_after_a_decoder_only_fine_tune(folder: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "latents"
+    first = {**TOKENIZER_ID, "codes_sha256": "c" * 64}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        encode(CrashesAfter(LeftHalfTokenizer(), calls=1), folder, out_dir, tokenizer_id=first)
+    resumed = LeftHalfTokenizer()
+    encode(resumed, folder, out_dir, tokenizer_id={**first, "sha256": "b" * 64})  # other decoder, same codes
+    assert resumed.calls > 0 and LatentDataset(out_dir, split="all").tokenizer["sha256"] == TOKENIZER_ID["sha256"]
+    with pytest.raises(DatasetError, match="tokenizer: existing"):  # other codes
+        encode(LeftHalfTokenizer(), folder, out_dir, tokenizer_id={**first, "codes_sha256": "d" * 64})
+
+
 def test_large_codebooks_are_stored_as_int32(folder: Path, tmp_path: Path) -> None:
     class HighIndexTokenizer(LeftHalfTokenizer):
         def encode(self, images: Tensor) -> Tensor:
@@ -234,11 +247,24 @@ def test_damaged_or_foreign_directories_are_refused(folder: Path, tmp_path: Path
 
 
 def test_tokenizer_identity_hashes_weights_and_reads_config(tmp_path: Path) -> None:
-    (tmp_path / "model.safetensors").write_bytes(b"weights" * 1000)
+    weights = {"encoder.conv.weight": torch.ones(2, 3), "decoder.conv.weight": torch.zeros(3)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"class": "VQGAN", "config": {"codebook_size": 8}}))
     identity = tokenizer_identity(tmp_path)
-    assert identity["sha256"] == hashlib.sha256(b"weights" * 1000).hexdigest()
+    assert identity["sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert identity["codes_sha256"] == content_hash({"encoder.conv.weight": torch.ones(2, 3)})
     assert identity["config"]["config"]["codebook_size"] == 8 and identity["path"] == str(tmp_path.resolve())
     shutil.rmtree(tmp_path)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         tokenizer_identity(tmp_path)
+
+
+def test_same_codes_compares_the_code_hash_where_both_records_have_one() -> None:
+    tuned_decoder = {"sha256": "b", "codes_sha256": "c"}
+    assert same_codes({"sha256": "a", "codes_sha256": "c"}, tuned_decoder)
+    assert not same_codes({"sha256": "a", "codes_sha256": "d"}, tuned_decoder)
+    assert not same_codes({"sha256": "a"}, tuned_decoder)  # an older record: the weights file decides
+    assert same_codes({"sha256": "b"}, tuned_decoder)
+    assert same_codes(None, {}) and not same_codes(None, tuned_decoder)  # pixel tokens: no tokenizer on either side
+
+

@@ -16,7 +16,7 @@ from sundae.checkpoint import CheckpointError
 from sundae.config import HOURGLASS_PRESETS, ConfigError, SamplingOptions
 from sundae.pipeline import SundaePipeline
 from sundae.tokenizer.pixels import PixelTokenizer
-from sundae.training.prior import PriorTrainingConfig, train_prior
+from sundae.training.prior import PriorTrainingConfig, check_same_data, train_prior
 
 TINY = HOURGLASS_PRESETS["tiny"].replace(dim=32, heads=2, head_dim=16, depth=(1, 1, 1)).to_dict()
 
@@ -178,6 +178,28 @@ def test_init_from_a_prior_of_another_model_or_other_tokens_is_refused(pixel_npz
     with pytest.raises(CheckpointError, match="another tokenizer"):
         train_prior(config(pixel_npz, tmp_path / "other", init_from=str(first / "model")))
     assert not (tmp_path / "other" / "checkpoint").exists()
+
+
+def test_a_prior_accepts_the_tokens_of_its_tokenizer_after_a_decoder_only_fine_tune(tmp_path):
+    """Same codes hash (the decoder alone was fine-tuned): accepted; other codes: refused, one clear line."""
+    trained_on = {"codebook_size": 8, "tokenizer": {"sha256": "first", "codes_sha256": "codes"}}
+    check_same_data(trained_on, {"codebook_size": 8, "tokenizer": {"sha256": "tuned", "codes_sha256": "codes"}},
+                    tmp_path)
+    with pytest.raises(CheckpointError, match="another tokenizer .*sha256 first.*sha256 other"):
+        check_same_data(trained_on, {"codebook_size": 8, "tokenizer": {"sha256": "other", "codes_sha256": "new"}},
+                        tmp_path)
+
+
+def test_the_shipped_default_prior_accepts_latents_encoded_with_the_shipped_tokenizer():
+    """README: fine-tune the default on images encoded with its own tokenizer (`--init-from fashion-mnist`);
+    its decoder was fine-tuned after the prior trained, its codes were not."""
+    from sundae.data.latents import tokenizer_identity
+    from sundae.models import model_directory
+
+    shipped = model_directory(None)
+    trained_on = json.loads((shipped / "prior" / "config.json").read_text())["data"]
+    encoded_with = tokenizer_identity(shipped / "tokenizer")
+    check_same_data(trained_on, {"codebook_size": trained_on["codebook_size"], "tokenizer": encoded_with}, shipped)
 
 
 @pytest.mark.slow

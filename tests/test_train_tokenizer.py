@@ -151,6 +151,7 @@ def test_the_gan_start_scales_with_a_short_run(tmp_path, caplog):
 
 
 def test_decoder_only_fine_tuning_keeps_every_code_and_changes_the_decoder(tmp_path):
+    from sundae.data.latents import tokenizer_identity
     from sundae.tokenizer import VQGAN
 
     images = write_images(tmp_path / "images")
@@ -163,6 +164,12 @@ def test_decoder_only_fine_tuning_keeps_every_code_and_changes_the_decoder(tmp_p
         assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name
     batch = torch.rand(4, 3, 16, 16) * 2 - 1
     assert torch.equal(before.encode(batch), after.encode(batch))
+    # so latents encoded by one and a prior trained on them are accepted with the other
+    base_id, tuned_id = tokenizer_identity(base), tokenizer_identity(tuned)
+    assert base_id["sha256"] != tuned_id["sha256"] and base_id["codes_sha256"] == tuned_id["codes_sha256"]
+    retrained = train_tokenizer(config(images, tmp_path / "all", steps=3, init_from=str(base), learning_rate=1e-2,
+                                       loss={"perceptual": "none"})).export_dir
+    assert tokenizer_identity(retrained)["codes_sha256"] != base_id["codes_sha256"]
 
 
 def test_decoder_only_needs_a_tokenizer_to_start_from(tmp_path):

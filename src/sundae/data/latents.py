@@ -42,9 +42,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from sundae.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_path, read_json, write_json_atomic
+from sundae.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_path, read_json, read_weights,
+                               write_json_atomic)
 from sundae.data.images import DatasetError, ImageFolder, UnreadableImageError, as_height_width
 from sundae.errors import InputError
+from sundae.tokenizer.vqgan import codes_content_hash
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +93,11 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def tokenizer_identity(directory: str | os.PathLike) -> dict[str, Any]:
-    """Identify a saved tokenizer: absolute ``path``, ``sha256`` of its weights, and its ``config``.
+    """Identify a saved tokenizer: absolute ``path``, ``sha256`` of its weights file, ``codes_sha256`` of the
+    weights that decide the codes (:func:`~sundae.tokenizer.vqgan.codes_content_hash`) and its ``config``.
 
-    The path is informational (a moved tokenizer is the same tokenizer); the hash and config are
-    what :func:`encode_folder` compares before resuming.
+    The path is informational (a moved tokenizer is the same tokenizer); :func:`same_codes` compares the
+    hashes (before an encoding resumes, before a prior trains on latents).
     """
     directory = Path(directory)
     weights = directory / WEIGHTS_NAME
@@ -103,8 +106,18 @@ def tokenizer_identity(directory: str | os.PathLike) -> dict[str, Any]:
     return {
         "path": str(directory.resolve()),
         "sha256": sha256_file(weights),
+        "codes_sha256": codes_content_hash(read_weights(weights)),
         "config": read_json(directory / CONFIG_NAME),
     }
+
+
+def same_codes(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> bool:
+    """Whether two :func:`tokenizer_identity` records give every image the same codes: by ``codes_sha256``
+    when both have it (a decoder-only fine-tune keeps it), else by the weights file's ``sha256`` (records
+    written before ``codes_sha256`` existed). Two empty records (pixel tokens, no tokenizer) are the same."""
+    saved, current = saved or {}, current or {}
+    key = "codes_sha256" if "codes_sha256" in saved and "codes_sha256" in current else "sha256"
+    return saved.get(key) == current.get(key)
 
 
 def token_dtype(codebook_size: int) -> np.dtype:
@@ -141,13 +154,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def _comparable(manifest: Mapping[str, Any]) -> dict[str, Any]:
     identity = {key: manifest.get(key) for key in IDENTITY_KEYS}
-    identity["tokenizer"] = {k: v for k, v in (manifest.get("tokenizer") or {}).items() if k != "path"}
+    identity["tokenizer architecture"] = ((manifest.get("tokenizer") or {}).get("config") or {}).get("config")
     return identity
 
 
 def _check_same_job(saved: Mapping[str, Any], current: Mapping[str, Any], out_dir: Path) -> None:
     before, now = _comparable(saved), _comparable(current)
     differences = [key for key in now if before[key] != now[key]]
+    if not same_codes(saved.get("tokenizer"), current.get("tokenizer")):
+        differences.append("tokenizer")
+        before["tokenizer"], now["tokenizer"] = saved.get("tokenizer"), current.get("tokenizer")
     if differences:
         details = "; ".join(
             f"{key}: existing {str(before[key])[:120]} vs now {str(now[key])[:120]}" for key in differences

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from sundae.checkpoint import PretrainedMixin
+from sundae.checkpoint import PretrainedMixin, content_hash
 from sundae.config import ConfigError, VQGANConfig
 from sundae.errors import InputError
 
@@ -368,6 +368,14 @@ class VQGANOutput:
     codebook_usage: Tensor
 
 
+def codes_content_hash(state: dict[str, Tensor]) -> str:
+    """:func:`content_hash` of every weight outside :attr:`VQGAN.decode_path`: two tokenizers with the same
+    value give every image the same codes (a decoder-only fine-tune keeps it), so latents encoded by one
+    and a prior trained on them stay valid with the other. Unknown names count as code-deciding."""
+    return content_hash({name: tensor for name, tensor in state.items()
+                         if name.split(".", 1)[0] not in VQGAN.decode_path})
+
+
 class VQGAN(nn.Module, PretrainedMixin):
     """Encoder, quantizer and decoder, built only from a :class:`VQGANConfig`.
 
@@ -376,6 +384,9 @@ class VQGAN(nn.Module, PretrainedMixin):
     """
 
     config_class = VQGANConfig
+    #: the submodules that only turn codes into pixels; every other weight (encoder, ``quant_conv``,
+    #: codebook) has a say in which code an image gets
+    decode_path = ("post_quant_conv", "decoder")
 
     def __init__(self, config: VQGANConfig) -> None:
         super().__init__()

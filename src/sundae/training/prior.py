@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sundae.checkpoint import WEIGHTS_NAME, CheckpointError, load_weights, read_json
 from sundae.config import ConfigBase, ConfigError, HourglassConfig, KnobOptions, SamplingOptions
 from sundae.data.images import DatasetError
+from sundae.data.latents import same_codes
 from sundae.denoiser import Hourglass
 from sundae.distributed import DistributedContext, mean_across_ranks, run_distributed
 from sundae.models import model_directory
@@ -168,15 +169,16 @@ def data_identity(dataset) -> dict[str, Any]:
 
 
 def check_same_data(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    saved_sha = (saved.get("tokenizer") or {}).get("sha256")
-    current_sha = (current.get("tokenizer") or {}).get("sha256")
-    if saved["codebook_size"] != current["codebook_size"] or saved_sha != current_sha:
-        raise CheckpointError(
-            f"the checkpoint in {where} was trained on tokens of another tokenizer "
-            f"(codebook {saved['codebook_size']}, tokenizer sha256 {saved_sha}) but the data has "
-            f"codebook {current['codebook_size']}, tokenizer sha256 {current_sha}; use a new --output-dir "
-            "or the latents of the original tokenizer"
-        )
+    if saved["codebook_size"] == current["codebook_size"] and same_codes(saved.get("tokenizer"),
+                                                                         current.get("tokenizer")):
+        return
+    saved_sha, current_sha = ((record.get("tokenizer") or {}).get("sha256") for record in (saved, current))
+    raise CheckpointError(
+        f"the checkpoint in {where} was trained on tokens of another tokenizer "
+        f"(codebook {saved['codebook_size']}, tokenizer sha256 {saved_sha}) but the data has "
+        f"codebook {current['codebook_size']}, tokenizer sha256 {current_sha}; use a new --output-dir "
+        "or the latents of the original tokenizer"
+    )
 
 
 def drop_labels(labels: Tensor | None, null_class: int | None, probability: float,

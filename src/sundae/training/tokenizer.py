@@ -210,13 +210,16 @@ def start_from(vqgan: VQGAN, directory: Path) -> None:
 
 
 def decoder_parameters(vqgan: VQGAN) -> list[nn.Parameter]:
-    """Freeze the encoder, ``quant_conv`` and codebook and return the decoder path's parameters.
+    """Freeze everything but the decode path (encoder, ``quant_conv``, codebook) and return the decode path's
+    parameters.
 
     Fine-tuning only the decoder after the prior was trained sharpens reconstructions without
     changing a single code, so latents and prior stay valid (a common VQ-GAN second stage)."""
-    for module in (vqgan.encoder, vqgan.quant_conv, vqgan.quantize):
-        module.requires_grad_(False)
-    return [*vqgan.post_quant_conv.parameters(), *vqgan.decoder.parameters()]
+    vqgan.requires_grad_(False)
+    decode_path = [getattr(vqgan, name) for name in vqgan.decode_path]
+    for module in decode_path:
+        module.requires_grad_(True)
+    return [parameter for module in decode_path for parameter in module.parameters()]
 
 
 def default_discriminator_start(steps: int) -> int:
