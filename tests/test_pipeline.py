@@ -146,6 +146,30 @@ def test_a_bfloat16_pipeline_saves_the_weights_it_loaded_bit_for_bit(tiny_pipeli
 
 
 
+def test_a_saved_prior_names_the_tokenizer_saved_beside_it(pipe, tmp_path):
+    """`--init-from` a saved model checks that the latents are its tokenizer's codes: a pipeline's save (here at
+    half precision, which changes the weights and so the codes' hash) records the tokenizer it writes, so
+    latents encoded by that saved tokenizer are accepted; a record the caller gives (a training run's) is kept."""
+    import json
+
+    from sundae.data.latents import tokenizer_identity
+    from sundae.pipeline import write_model_directory
+    from sundae.training.prior import check_same_data
+
+    saved = pipe.save_pretrained(tmp_path / "half", weights_dtype=torch.float16)
+    trained_on = json.loads((saved / PRIOR_SUBDIR / "config.json").read_text())["data"]
+    encoded_with = tokenizer_identity(saved / TOKENIZER_SUBDIR)
+    assert trained_on["tokenizer"] == encoded_with
+    assert trained_on["tokenizer"]["codes_sha256"] != tokenizer_identity(pipe.save_pretrained(tmp_path / "full")
+                                                                         / TOKENIZER_SUBDIR)["codes_sha256"]
+    check_same_data(trained_on, {"codebook_size": trained_on["codebook_size"], "tokenizer": encoded_with}, saved)
+
+    record = {"codebook_size": 16, "tokenizer": {"sha256": "of the latents' tokenizer"}}
+    kept = write_model_directory(tmp_path / "run", prior=pipe.master_prior, tokenizer=pipe.master_tokenizer,
+                                 scheduler=pipe.sampling_defaults, prior_extra={"data": record})
+    assert json.loads((kept / PRIOR_SUBDIR / "config.json").read_text())["data"] == record
+
+
 def test_float16_weights_ship_at_half_the_size_and_load_as_the_rounded_float32_model(pipe, tiny_pipeline_dir,
                                                                                    tmp_path):
     pipe.save_pretrained(tmp_path / "half", weights_dtype=torch.float16)

@@ -190,13 +190,15 @@ def test_a_prior_accepts_the_tokens_of_its_tokenizer_after_a_decoder_only_fine_t
                         tmp_path)
 
 
-def test_the_shipped_default_prior_accepts_latents_encoded_with_the_shipped_tokenizer():
-    """README: fine-tune the default on images encoded with its own tokenizer (`--init-from fashion-mnist`);
-    its decoder was fine-tuned after the prior trained, its codes were not."""
+@pytest.mark.parametrize("name", ["fashion-mnist", "emoji"])
+def test_each_shipped_prior_accepts_latents_encoded_with_its_shipped_tokenizer(name):
+    """README: fine-tune a shipped model on images encoded with its own tokenizer (`--init-from fashion-mnist`):
+    the default's decoder was fine-tuned after its prior trained (its codes were not); the emoji model's
+    weights were stored in float16 after training."""
     from sundae.data.latents import tokenizer_identity
     from sundae.models import model_directory
 
-    shipped = model_directory(None)
+    shipped = model_directory(name)
     trained_on = json.loads((shipped / "prior" / "config.json").read_text())["data"]
     encoded_with = tokenizer_identity(shipped / "tokenizer")
     check_same_data(trained_on, {"codebook_size": trained_on["codebook_size"], "tokenizer": encoded_with}, shipped)

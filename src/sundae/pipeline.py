@@ -39,6 +39,7 @@ from sundae.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_
 from sundae.config import INPAINT_DEFAULTS, ConfigError, KnobOptions, short_repr
 from sundae.denoiser import Hourglass
 from sundae.data.images import loose_class_name
+from sundae.data.latents import tokenizer_identity
 from sundae.errors import InputError
 from sundae.models import model_directory
 from sundae.sampler import (SampleOutput, SamplingOptions, StepCallback, bits_below, random_bits, sample,
@@ -215,6 +216,17 @@ def _write_component(component: nn.Module | Path, target: Path, extra: dict[str,
     return payload.get("class") if isinstance(payload, dict) else None
 
 
+def with_tokenizer_record(prior_extra: dict[str, Any] | None, written: Path, final: Path) -> dict[str, Any] | None:
+    """``prior_extra`` whose ``data`` section (when it has one) says which tokenizer's codes the prior models:
+    the record it has (a training run's: the tokenizer its latents were encoded with), else that of the
+    tokenizer saved beside it (``written``, to live at ``final``). Without it, ``--init-from`` the saved
+    model refuses latents encoded by the model's own tokenizer."""
+    data = (prior_extra or {}).get("data")
+    if not isinstance(data, dict) or "tokenizer" in data:
+        return prior_extra
+    return {**prior_extra, "data": {**data, "tokenizer": {**tokenizer_identity(written), "path": str(final.resolve())}}}
+
+
 def write_model_directory(directory: str | os.PathLike, *, prior: nn.Module | Path, tokenizer: nn.Module | Path | None,
                           scheduler: KnobOptions, prior_extra: dict[str, Any] | None = None,
                           weights_dtype: torch.dtype | None = None, kind: str = PIPELINE_KIND) -> Path:
@@ -234,11 +246,12 @@ def write_model_directory(directory: str | os.PathLike, *, prior: nn.Module | Pa
         raise CheckpointError(f"{directory} holds other files and no model; save into a new or empty folder "
                               "(saving replaces the whole folder)")
     staging = staging_directory(directory)
-    components = {"prior": _write_component(prior, staging / PRIOR_SUBDIR, prior_extra, weights_dtype),
-                  "tokenizer": PixelTokenizer.__name__}
+    tokenizer_class = PixelTokenizer.__name__
     if tokenizer is not None and not isinstance(tokenizer, PixelTokenizer):
-        components["tokenizer"] = _write_component(tokenizer, staging / TOKENIZER_SUBDIR, None, weights_dtype)
-    components["scheduler"] = type(scheduler).__name__
+        tokenizer_class = _write_component(tokenizer, staging / TOKENIZER_SUBDIR, None, weights_dtype)
+        prior_extra = with_tokenizer_record(prior_extra, staging / TOKENIZER_SUBDIR, directory / TOKENIZER_SUBDIR)
+    components = {"prior": _write_component(prior, staging / PRIOR_SUBDIR, prior_extra, weights_dtype),
+                  "tokenizer": tokenizer_class, "scheduler": type(scheduler).__name__}
     write_json_atomic(staging / SCHEDULER_SUBDIR / CONFIG_NAME,
                       {"class": type(scheduler).__name__, "config": scheduler.to_dict()})
     write_json_atomic(staging / MODEL_INDEX_NAME, {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
