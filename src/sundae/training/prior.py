@@ -168,7 +168,8 @@ def data_identity(dataset) -> dict[str, Any]:
             "grid_shape": list(dataset.grid_shape), "class_names": list(dataset.class_names)}
 
 
-def check_same_data(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+def check_same_data(saved: dict[str, Any], current: dict[str, Any], where: Path,
+                    remedy: str = "use a new --output-dir or the latents of the original tokenizer") -> None:
     if saved["codebook_size"] == current["codebook_size"] and same_codes(saved.get("tokenizer"),
                                                                          current.get("tokenizer")):
         return
@@ -176,8 +177,7 @@ def check_same_data(saved: dict[str, Any], current: dict[str, Any], where: Path)
     raise CheckpointError(
         f"the checkpoint in {where} was trained on tokens of another tokenizer "
         f"(codebook {saved['codebook_size']}, tokenizer sha256 {saved_sha}) but the data has "
-        f"codebook {current['codebook_size']}, tokenizer sha256 {current_sha}; use a new --output-dir "
-        "or the latents of the original tokenizer"
+        f"codebook {current['codebook_size']}, tokenizer sha256 {current_sha}; {remedy}"
     )
 
 
@@ -321,7 +321,8 @@ def start_from(model: nn.Module, name_or_path: str, identity: dict[str, Any], fa
     if not isinstance(saved, dict) or "codebook_size" not in saved:
         raise CheckpointError(f"--init-from {directory}: {prior_dir / 'config.json'} does not say which tokens the "
                               "prior was trained on (no \"data\" object)")
-    check_same_data(saved, identity, prior_dir)
+    check_same_data(saved, identity, prior_dir, remedy=f"encode the images with the tokenizer of {directory} "
+                    "(`sundae encode IMAGES --tokenizer ...`) or train without --init-from")
     load_weights(model, prior_dir / WEIGHTS_NAME)
     log.info("starting from the prior weights of %s", prior_dir)
 
