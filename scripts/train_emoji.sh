@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Recipe of the shipped emoji model (src/sundae/assets/emoji): a class-conditional two-stage model of
 # 64x64 colour emoji (Noto Emoji, Apache-2.0, and Twemoji, CC-BY-4.0, from their MIT npm packagings),
-# 16x16 tokens (the paper's FFHQ256 grid), about 2.5 hours on 2 CPU cores (bf16 autocast on CPUs with
+# 16x16 tokens (the paper's FFHQ256 grid), about 3 h 10 min on 2 CPU cores (bf16 autocast on CPUs with
 # AMX / AVX-512-BF16). Every stage resumes where it stopped if interrupted; each stage's wall time goes
 # to RUN_DIR/timings.txt. STAGES picks stages (default: all, in order).
 #   bash scripts/train_emoji.sh [RUN_DIR]
