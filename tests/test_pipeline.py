@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,10 +13,13 @@ from torch import nn
 
 from sundae.checkpoint import CheckpointError
 from sundae.config import HourglassConfig, VQGANConfig
+from sundae.data.latents import tokenizer_identity
 from sundae.denoiser import Hourglass
 from sundae.errors import InputError
-from sundae.pipeline import PRIOR_SUBDIR, TOKENIZER_SUBDIR, SundaePipeline, box_mask, token_mask_from_pixels
+from sundae.pipeline import (PRIOR_SUBDIR, TOKENIZER_SUBDIR, SundaePipeline, box_mask, token_mask_from_pixels,
+                             write_model_directory)
 from sundae.tokenizer import VQGAN
+from sundae.training.prior import check_same_data
 
 
 @pytest.fixture(scope="module")
@@ -145,17 +150,10 @@ def test_a_bfloat16_pipeline_saves_the_weights_it_loaded_bit_for_bit(tiny_pipeli
             assert torch.equal(saved[part][key].view(torch.int32), tensor.view(torch.int32)), key  # bit for bit
 
 
-
 def test_a_saved_prior_names_the_tokenizer_saved_beside_it(pipe, tmp_path):
     """`--init-from` a saved model checks that the latents are its tokenizer's codes: a pipeline's save (here at
     half precision, which changes the weights and so the codes' hash) records the tokenizer it writes, so
     latents encoded by that saved tokenizer are accepted; a record the caller gives (a training run's) is kept."""
-    import json
-
-    from sundae.data.latents import tokenizer_identity
-    from sundae.pipeline import write_model_directory
-    from sundae.training.prior import check_same_data
-
     saved = pipe.save_pretrained(tmp_path / "half", weights_dtype=torch.float16)
     trained_on = json.loads((saved / PRIOR_SUBDIR / "config.json").read_text())["data"]
     encoded_with = tokenizer_identity(saved / TOKENIZER_SUBDIR)
@@ -236,7 +234,6 @@ def test_output_types_are_checked_and_latent_skips_decoding(tiny_pipeline_dir):
                                            ({"class_names": 5}, "class_names must be a list"),
                                            ({"codebook_size": "16"}, "codebook_size must be an integer")])
 def test_a_model_whose_data_section_has_wrong_types_is_refused(tiny_pipeline_dir, tmp_path, data, message):
-    import json
     import shutil
 
     from sundae.pipeline import SundaePipeline
@@ -253,8 +250,6 @@ def test_a_model_whose_data_section_has_wrong_types_is_refused(tiny_pipeline_dir
 
 
 def test_save_and_load_round_trip_the_scheduler_defaults(pipe, tmp_path):
-    import json
-
     import sundae
     from sundae.config import SamplingOptions
 

@@ -235,7 +235,7 @@ def write_model_directory(directory: str | os.PathLike, *, prior: nn.Module | Pa
 
     ``prior`` and ``tokenizer`` are modules to save or component folders to copy unchanged; a tokenizer
     that is None or a :class:`PixelTokenizer` gets no folder. ``prior_extra`` goes into a saved prior's
-    config.json; ``weights_dtype`` (e.g. ``torch.float16``) stores saved modules' floating-point
+    config.json, its ``data`` section completed by :func:`with_tokenizer_record`; ``weights_dtype`` (e.g. ``torch.float16``) stores saved modules' floating-point
     weights in that precision; ``kind`` says which paradigm it is (:data:`KIND_COMPONENTS`). Saving replaces the
     whole folder, so an existing ``directory`` must be
     empty or a model directory (it holds a model_index.json or, in the old layout, a config.json).
